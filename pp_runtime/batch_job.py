@@ -1,0 +1,592 @@
+"""The `launch/batch_infer.py` job: a resumable JSONL-in, JSONL-out generation run over many prompts.
+
+Files (for `output=out.jsonl`; `errors` defaults to `out.jsonl.errors.jsonl`):
+
+- `out.jsonl.part-R`: replica R's results, appended and flushed line by line as sequences finish
+  (finishing order). Only replica R's first stage writes it, so no two processes share a file.
+- `out.jsonl.errors.jsonl.part-R`: replica R's rejected input lines (line number and reason).
+- `out.jsonl.done-R`: written by replica R when its share is finished (its statistics).
+- At the end, rank 0 merges the existing output and every part file into `out.jsonl`, one line per
+  input line sorted by input order (written to a temporary file, then renamed), merges the error
+  parts into the errors file, writes `out.jsonl.summary.json` and removes the part files.
+
+Restart (kill -9, node loss, SLURM requeue): rank 0 truncates an incomplete last line of each part
+file, collects the input line numbers already present in the output and the parts, and every
+replica skips those lines. Error lines are not "done": they are checked again on every run and the
+errors file describes the latest run. Resuming assumes the same input file.
+
+Work split: the input's non-blank lines are numbered 0, 1, 2, ... in order (this number is also the
+request uid that keys the sampling stream, so results do not depend on the number of replicas) and
+replica R takes the lines whose number % data_parallel == R. Each replica's first stage streams the
+whole file but parses only its share; nothing is loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from omegaconf import DictConfig
+
+from pp_runtime.config import resolve_path
+from pp_runtime.errors import ConfigError, InputError, PPRuntimeError
+from pp_runtime.prompts import iter_lines, make_request, parse_prompt_line
+from pp_runtime.scheduler import Completion, Request
+
+FSYNC_EVERY_S = 10.0
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class BatchPaths:
+    input: Path
+    output: Path
+    errors: Path
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "BatchPaths":
+        if not cfg.get("input"):
+            raise ConfigError("batch inference needs input=FILE.jsonl (one {\"id\", \"prompt\"} object per line)")
+        if not cfg.get("output"):
+            raise ConfigError("batch inference needs output=FILE.jsonl (results are appended there)")
+        inp, out = resolve_path(cfg.input), resolve_path(cfg.output)
+        err = resolve_path(cfg.errors) if cfg.get("errors") else out.with_name(out.name + ".errors.jsonl")
+        if inp == out or inp == err:
+            raise ConfigError(f"output/errors would overwrite the input {str(inp)!r}; choose another output=")
+        return cls(inp, out, err)
+
+    def part(self, replica: int) -> Path:
+        return self.output.with_name(f"{self.output.name}.part-{replica}")
+
+    def error_part(self, replica: int) -> Path:
+        return self.errors.with_name(f"{self.errors.name}.part-{replica}")
+
+    def done_marker(self, replica: int) -> Path:
+        return self.output.with_name(f"{self.output.name}.done-{replica}")
+
+    @property
+    def summary(self) -> Path:
+        return self.output.with_name(self.output.name + ".summary.json")
+
+    def parts(self) -> list[Path]:
+        """Every result part file present, whatever data_parallel the run that wrote it used."""
+        return _numbered(self.output, "part")
+
+    def error_parts(self) -> list[Path]:
+        return _numbered(self.errors, "part")
+
+    def done_markers(self) -> list[Path]:
+        return _numbered(self.output, "done")
+
+
+def _numbered(base: Path, tag: str) -> list[Path]:
+    pat = re.compile(re.escape(base.name) + rf"\.{tag}-(\d+)$")
+    if not base.parent.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in base.parent.iterdir() if (m := pat.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+# ----------------------------------------------------------------------------- resume bookkeeping
+
+
+class LineSet:
+    """A set of input line numbers as a bitmap: a million lines cost 125 kB."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.bits = bytearray(data)
+
+    def add(self, n: int) -> None:
+        byte = n >> 3
+        if byte >= len(self.bits):
+            self.bits.extend(b"\0" * (byte + 1 - len(self.bits) + 1024))
+        self.bits[byte] |= 1 << (n & 7)
+
+    def __contains__(self, n: int) -> bool:
+        byte = n >> 3
+        return byte < len(self.bits) and bool(self.bits[byte] & (1 << (n & 7)))
+
+    def __len__(self) -> int:
+        return sum(bin(b).count("1") for b in self.bits)
+
+
+def repair_jsonl(path: Path) -> int:
+    """Truncate whatever follows the last complete, parseable line (a write cut off by kill -9 or a
+    lost page cache). Returns the number of bytes removed."""
+    if not path.is_file():
+        return 0
+    size = path.stat().st_size
+    good_end = 0
+    with open(path, "rb") as f:
+        for raw in iter(f.readline, b""):
+            if not raw.endswith(b"\n"):
+                break
+            if raw.strip():
+                try:
+                    json.loads(raw)
+                except ValueError:
+                    continue  # a damaged line in the middle: kept, ignored when read, dropped by the merge
+            good_end = f.tell()
+    if good_end < size:  # a partial line, or a damaged block at the end
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - good_end
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, int, dict]]:
+    """(offset, length, record) of each complete JSON object line of a results file."""
+    with open(path, "rb") as f:
+        offset = 0
+        for raw in iter(f.readline, b""):
+            n = len(raw)
+            if raw.endswith(b"\n") and raw.strip():
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    rec = None
+                if isinstance(rec, dict) and isinstance(rec.get("line"), int):
+                    yield offset, n, rec
+            offset += n
+
+
+@dataclass
+class ResumeState:
+    done: LineSet
+    n_done: int
+    input_lines: int  # non-blank lines in the input
+    repaired_bytes: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)  # part file -> size when the run started
+
+
+def prepare_resume(paths: BatchPaths) -> ResumeState:
+    """Rank 0, before any replica writes: repair the parts, collect the finished lines, drop stale
+    error parts and markers (error lines are checked again), count the input."""
+    for stale in [*paths.error_parts(), *paths.done_markers(), paths.errors,
+                  paths.output.with_name(paths.output.name + ".tmp")]:
+        stale.unlink(missing_ok=True)
+    done, repaired, offsets = LineSet(), 0, {}
+    sources = ([paths.output] if paths.output.is_file() else []) + paths.parts()
+    for src in sources:
+        if src != paths.output:
+            repaired += repair_jsonl(src)
+            offsets[str(src)] = src.stat().st_size
+        for _, _, rec in iter_records(src):
+            done.add(rec["line"])
+    n_input = sum(1 for _ in iter_lines(paths.input))
+    return ResumeState(done, len(done), n_input, repaired, offsets)
+
+
+def merge_results(sources: list[Path], dest: Path) -> int:
+    """Write one line per input line, sorted by input line number, from `sources` (earlier sources
+    win a duplicate). Memory: a few integers per line; the records are copied by offset."""
+    from array import array
+
+    keys, srcs, offs, lens = array("q"), array("l"), array("q"), array("q")
+    for i, src in enumerate(sources):
+        if not src.is_file():
+            continue
+        for off, n, rec in iter_records(src):
+            keys.append(rec["line"])
+            srcs.append(i)
+            offs.append(off)
+            lens.append(n)
+    order = sorted(range(len(keys)), key=lambda j: (keys[j], srcs[j]))
+    tmp = dest.with_name(dest.name + ".tmp")
+    handles = [open(s, "rb") if s.is_file() else None for s in sources]
+    written, last = 0, None
+    try:
+        with open(tmp, "wb") as out:
+            for j in order:
+                if keys[j] == last:
+                    continue
+                last = keys[j]
+                h = handles[srcs[j]]
+                h.seek(offs[j])
+                out.write(h.read(lens[j]))
+                written += 1
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for h in handles:
+            if h is not None:
+                h.close()
+    tmp.replace(dest)
+    return written
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+class JsonlAppender:
+    """Append one JSON object per line; flushed per line (survives kill -9), fsynced every few seconds
+    and on close (survives a node crash up to the last few seconds)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+        self._synced = time.monotonic()
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        if time.monotonic() - self._synced > FSYNC_EVERY_S:
+            os.fsync(self._f.fileno())
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+
+def error_record(line_no: int, line: str, reason: str) -> dict:
+    return {"line": line_no, "id": _guess_id(line), "error": reason}
+
+
+def _guess_id(line: str) -> Any:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    rid = obj.get("custom_id", obj.get("id"))
+    return rid if isinstance(rid, (str, int, float)) or rid is None else str(rid)
+
+
+def token_limit(args, capacity: int) -> int:
+    """Longest prompt + max_new_tokens the engine serves (the rule of engine._checked_requests)."""
+    return args.max_seq_len if args.sliding_window is not None and capacity >= args.sliding_window else capacity
+
+
+def check_request(req: Request, line_no: int, limit: int, source: str = "input") -> None:
+    """The engine's own checks, made here so that a bad line becomes an error record instead of
+    aborting the pipeline."""
+    where = f"{source} line {line_no}"
+    n = len(req.prompt_tokens)
+    if n == 0:
+        raise InputError(f"{where}: the prompt tokenises to nothing; give a non-empty prompt")
+    if req.max_new_tokens < 1:
+        raise InputError(f"{where}: max_new_tokens={req.max_new_tokens} must be at least 1")
+    if n + req.max_new_tokens > limit:
+        raise InputError(
+            f"{where}: prompt of {n} tokens + max_new_tokens {req.max_new_tokens} exceeds the "
+            f"model's limit of {limit} tokens; shorten the prompt or lower max_new_tokens"
+        )
+
+
+def build_request(uid: int, line_no: int, line: str, tokenizer, cfg: DictConfig, sampling, limit: int,
+                  source: str) -> Request:
+    rec = parse_prompt_line(line, line_no, source=source)
+    try:
+        req = make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
+    except PPRuntimeError as e:  # make_request's messages name the request id; add the line
+        msg = str(e)
+        raise InputError(msg if msg.startswith(f"{source} line") else f"{source} line {line_no}: {msg}") from None
+    check_request(req, line_no, limit, source)
+    return req
+
+
+def iter_share(path: Path, dp_rank: int, dp_size: int, done: LineSet) -> Iterator[tuple[int, int, str]]:
+    """(uid, line number, line) of this replica's lines not yet done."""
+    for uid, (line_no, line) in enumerate(iter_lines(path)):
+        if uid % dp_size == dp_rank and line_no not in done:
+            yield uid, line_no, line
+
+
+# ---------------------------------------------------------------------------------------- progress
+
+
+def _fmt_s(s: float) -> str:
+    s = int(max(s, 0))
+    h, rem = divmod(s, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+class Progress:
+    """Rank 0's view of the whole job. It follows every replica's part files (only the bytes
+    appended since the last look), so it counts all replicas without any collective. A tqdm bar on a
+    terminal; otherwise one plain line every `interval` seconds (SLURM logs)."""
+
+    def __init__(self, paths: BatchPaths, dp_size: int, todo: int, start_offsets: dict[str, int],
+                 enabled: bool, interval: float, stream=None) -> None:
+        self.paths, self.dp_size, self.todo = paths, dp_size, todo
+        self.enabled = enabled
+        self.interval = max(float(interval), 0.1)
+        self.stream = stream or sys.stderr
+        self._offsets = dict(start_offsets)
+        self.done = self.errors = self.generated = self.prompt_tokens = 0
+        self.t0 = time.perf_counter()
+        self._last_poll = 0.0
+        self._last_print = self.t0
+        self._bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=todo, desc="batch", unit="req", file=self.stream, dynamic_ncols=True)
+
+    def _follow(self, path: Path) -> list[dict]:
+        key = str(path)
+        start = self._offsets.get(key, 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self._offsets[key] = start + end
+        out = []
+        for raw in data[:end].splitlines():
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                pass
+        return out
+
+    def poll(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self._last_poll < 0.5):
+            return
+        self._last_poll = now
+        n_before = self.done + self.errors
+        for r in range(self.dp_size):
+            for rec in self._follow(self.paths.part(r)):
+                self.done += 1
+                self.generated += int(rec.get("generated_tokens", 0))
+                self.prompt_tokens += int(rec.get("prompt_tokens", 0))
+            self.errors += len(self._follow(self.paths.error_part(r)))
+        elapsed = now - self.t0
+        if self._bar is not None:
+            self._bar.update(self.done + self.errors - n_before)
+            self._bar.set_postfix_str(f"{self.generated / max(elapsed, 1e-9):,.0f} tok/s, {self.errors} errors",
+                                      refresh=False)
+        elif force or now - self._last_print >= self.interval:
+            self._last_print = now
+            print(self.line(elapsed), file=self.stream, flush=True)
+
+    def line(self, elapsed: float) -> str:
+        n = self.done + self.errors
+        rate = n / max(elapsed, 1e-9)
+        eta = (self.todo - n) / rate if rate > 0 else float("inf")
+        pct = 100.0 * n / self.todo if self.todo else 100.0
+        return (f"progress: {n}/{self.todo} ({pct:.1f}%) | {self.errors} errors | {rate:,.2f} req/s | "
+                f"{self.generated / max(elapsed, 1e-9):,.1f} generated tok/s | elapsed {_fmt_s(elapsed)} | "
+                f"ETA {_fmt_s(eta) if eta != float('inf') else '?'}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+@dataclass
+class ReplicaStats:
+    replica: int
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    generate_s: float = 0.0
+
+
+def _broadcast(ctx, obj):
+    if not ctx.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_error_everywhere(ctx, message: Optional[str]) -> Optional[str]:
+    """The first error any rank found (by rank order), known to every rank."""
+    if not ctx.distributed:
+        return message
+    import torch.distributed as dist
+
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m), None)
+
+
+def _validate_share(cfg, ctx, paths: BatchPaths, done: LineSet, tokenizer, sampling, limit) -> Optional[str]:
+    """strict=true: check this replica's share before any generation, so a bad line stops every rank
+    at once with the same message instead of killing one pipeline mid-run."""
+    for uid, line_no, line in iter_share(paths.input, ctx.dp_rank, ctx.dp_size, done):
+        try:
+            build_request(uid, line_no, line, tokenizer, cfg, sampling, limit, str(cfg.input))
+        except PPRuntimeError as e:
+            return f"{e} (strict=true; drop strict=true to skip bad lines into {paths.errors})"
+    return None
+
+
+def run(cfg: DictConfig) -> int:
+    from pp_runtime.infer_job import completion_record, default_sampling, load_tokenizer, setup_inference
+
+    t_start = time.perf_counter()
+    paths = BatchPaths.from_config(cfg)
+    if not paths.input.is_file():  # checked on every rank before any collective: same error everywhere
+        raise InputError(f"input file {str(paths.input)!r} does not exist; check input=")
+    strict = bool(cfg.get("strict", False))
+
+    ctx, source, runner = setup_inference(cfg)
+    state = prepare_resume(paths) if ctx.rank == 0 else None
+    if ctx.rank == 0:
+        paths.output.parent.mkdir(parents=True, exist_ok=True)
+    shared = _broadcast(ctx, None if state is None else (bytes(state.done.bits), state.n_done, state.input_lines))
+    done, n_done, n_input = LineSet(shared[0]), shared[1], shared[2]
+    if ctx.rank == 0:
+        msg = f"batch: {n_input} input lines, {n_done} already done"
+        if state.repaired_bytes:
+            msg += f" (repaired {state.repaired_bytes} bytes of a cut-off write)"
+        print(msg + f", {n_input - n_done} to run on {ctx.dp_size} replica(s) x {ctx.pp_size} stage(s)", flush=True)
+
+    tokenizer = load_tokenizer(source) if ctx.is_first else None
+    sampling = default_sampling(cfg)
+    limit = token_limit(source.args, runner.cfg.cache_len)
+
+    if strict:
+        mine = _validate_share(cfg, ctx, paths, done, tokenizer, sampling, limit) if ctx.is_first else None
+        first = _first_error_everywhere(ctx, mine)
+        if first:
+            raise InputError(first)
+
+    progress = None
+    if ctx.rank == 0:
+        progress = Progress(paths, ctx.dp_size, n_input - n_done, state.offsets, bool(cfg.progress),
+                            float(cfg.get("progress_interval", 30)))
+
+    stats = ReplicaStats(ctx.dp_rank)
+    results = errors = None
+    line_of: dict[int, int] = {}
+
+    def requests() -> Iterator[Request]:
+        for uid, line_no, line in iter_share(paths.input, ctx.dp_rank, ctx.dp_size, done):
+            try:
+                req = build_request(uid, line_no, line, tokenizer, cfg, sampling, limit, str(cfg.input))
+            except PPRuntimeError as e:
+                if strict:
+                    raise
+                errors.write(error_record(line_no, line, str(e)))
+                stats.errors += 1
+                if progress is not None:
+                    progress.poll()
+                continue
+            line_of[uid] = line_no
+            yield req
+
+    def on_complete(c: Completion) -> None:
+        rec = completion_record(c, tokenizer)
+        rec = {"id": rec.pop("id"), "line": line_of.pop(c.request.uid), **rec}
+        results.write(rec)
+        stats.requests += 1
+        stats.prompt_tokens += rec["prompt_tokens"]
+        stats.generated_tokens += rec["generated_tokens"]
+        _release(c)
+        if progress is not None:
+            progress.poll()
+
+    from pp_runtime.engine import run_pipeline
+
+    if ctx.is_first:
+        results, errors = JsonlAppender(paths.part(ctx.dp_rank)), JsonlAppender(paths.error_part(ctx.dp_rank))
+    t_gen = time.perf_counter()
+    try:
+        run_pipeline(ctx, runner, requests() if ctx.is_first else None,
+                     tokenizer.eos_id if tokenizer is not None else None, on_complete=on_complete)
+    finally:
+        for f in (results, errors):
+            if f is not None:
+                f.close()
+    stats.generate_s = time.perf_counter() - t_gen
+    if ctx.is_first:
+        if errors is not None and stats.errors == 0:
+            paths.error_part(ctx.dp_rank).unlink(missing_ok=True)
+        marker = paths.done_marker(ctx.dp_rank)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(stats)))
+        tmp.replace(marker)
+    if ctx.rank != 0:
+        return 0
+    return _finish(cfg, ctx, paths, progress, n_input, n_done, t_start)
+
+
+def _release(c: Completion) -> None:
+    """run_pipeline keeps every Completion it returns; once a result is on disk its bulk is dropped
+    so a long job's memory stays flat."""
+    c.tokens, c.logprobs = [], []
+    c.request.prompt, c.request.prompt_tokens = "", []
+
+
+def _finish(cfg, ctx, paths: BatchPaths, progress: Progress, n_input: int, n_done: int, t_start: float) -> int:
+    # the other replicas run on; rank 0 follows their part files until each has left its marker
+    markers = [paths.done_marker(r) for r in range(ctx.dp_size)]
+    while not all(m.is_file() for m in markers):
+        progress.poll()
+        time.sleep(0.2)
+    progress.poll(force=True)
+    progress.close()
+    reps = [ReplicaStats(**json.loads(m.read_text())) for m in markers]
+
+    parts = paths.parts()
+    sources = ([paths.output] if paths.output.is_file() else []) + parts
+    n_results = merge_results(sources, paths.output) if parts or not paths.output.is_file() else \
+        sum(1 for _ in iter_records(paths.output))
+    err_parts = paths.error_parts()
+    n_errors = merge_results(err_parts, paths.errors) if err_parts else 0
+    for p in [*parts, *err_parts, *markers]:
+        p.unlink(missing_ok=True)
+
+    wall = time.perf_counter() - t_start
+    gen_s = max((r.generate_s for r in reps), default=0.0)
+    requests = sum(r.requests for r in reps)
+    prompt_tokens = sum(r.prompt_tokens for r in reps)
+    generated = sum(r.generated_tokens for r in reps)
+    summary = {
+        "input": str(paths.input),
+        "output": str(paths.output),
+        "errors_file": str(paths.errors) if n_errors else None,
+        "input_lines": n_input,
+        "skipped_already_done": n_done,
+        "requests": requests,
+        "errors": n_errors,
+        "results_in_output": n_results,
+        "complete": n_results + n_errors == n_input,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated,
+        "wall_s": round(wall, 3),
+        "generate_s": round(gen_s, 3),
+        "requests_per_s": round(requests / max(gen_s, 1e-9), 3),
+        "generated_tokens_per_s": round(generated / max(gen_s, 1e-9), 2),
+        "tokens_per_s": round((prompt_tokens + generated) / max(gen_s, 1e-9), 2),
+        "replicas": ctx.dp_size,
+        "stages": ctx.pp_size,
+    }
+    tmp = paths.summary.with_name(paths.summary.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(paths.summary)
+    print(
+        f"batch done: {requests} requests ({n_done} skipped as already done), {n_errors} errors | "
+        f"{prompt_tokens} prompt + {generated} generated tokens | {summary['requests_per_s']:.2f} req/s, "
+        f"{summary['generated_tokens_per_s']:,.1f} generated tok/s | wall {wall:.1f}s\n"
+        f"results: {paths.output} ({n_results} lines)"
+        + (f" | errors: {paths.errors}" if n_errors else "") + f" | summary: {paths.summary}",
+        flush=True,
+    )
+    return 0

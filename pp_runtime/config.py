@@ -1,0 +1,41 @@
+"""Hydra configuration: compose a job's config from `conf/` plus command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from pp_runtime.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose `conf/<job>.yaml` with overrides; any problem becomes a one-line ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=job):
+            cfg = compose(config_name=job, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if "Could not override" in str(e) or "not in struct" in str(e):
+            hint = f"; known keys: {_known_keys(job, conf_dir)}"
+        raise ConfigError(f"bad override: {first}{hint}") from None
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _known_keys(job: str, conf_dir: Path) -> str:
+    cfg = OmegaConf.load(conf_dir / f"{job}.yaml")
+    return ", ".join(k for k in cfg.keys() if k != "defaults") + ", model.*"
+
+
+def resolve_path(p: str | None) -> Path | None:
+    """Relative paths are relative to where the user ran the command (Hydra does not chdir here)."""
+    return None if p in (None, "") else Path(p).expanduser().resolve()

@@ -1,0 +1,297 @@
+"""Pipelined generation: stage 0 schedules, every stage computes its layers, the last samples.
+
+Stage 0 keeps up to `microbatches` micro-batches in the pipe. Each carries its own metadata (which
+sequences, slots, positions, sampling settings) with the activations, so all stages agree by
+construction. The last stage returns only the sampled token ids and their logprobs. With one stage
+the same loop runs with no communication at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from pp_runtime.args import ModelArgs
+from pp_runtime.attention_meta import SeqChunk, build_inference_meta
+from pp_runtime.comm import KIND_ABORT, KIND_DATA, KIND_STOP, PeerLink, decode_text, encode_text
+from pp_runtime.errors import ConfigError, PPRuntimeError
+from pp_runtime.kv_cache import RollingKVCache
+from pp_runtime.model import StageModule
+from pp_runtime.parallel import ParallelContext
+from pp_runtime.sampling import Sampler, SamplingParams
+from pp_runtime.scheduler import ChunkPlan, Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    microbatches: int = 0  # in flight; 0 = number of stages
+    batch_size: int = 16  # sequences per micro-batch
+    max_batch_tokens: int = 4096  # token budget per micro-batch (prefill chunks + decode tokens)
+    chunk_size: int = 0  # longest prefill chunk; 0 = the sliding window
+    cache_len: int = 0  # ring length per sequence; 0 = window (or the model's max_seq_len without one)
+
+    def resolved(self, args: ModelArgs, n_stages: int) -> "InferenceConfig":
+        mb = self.microbatches or n_stages
+        capacity = self.cache_len or (args.sliding_window or args.max_seq_len)
+        if args.sliding_window is not None:
+            capacity = min(capacity, args.sliding_window) if self.cache_len == 0 else capacity
+        chunk = self.chunk_size or min(args.window, capacity)
+        cfg = InferenceConfig(mb, self.batch_size, self.max_batch_tokens, chunk, capacity)
+        for name in ("microbatches", "batch_size", "max_batch_tokens", "chunk_size", "cache_len"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"inference.{name}={getattr(cfg, name)} must be at least 1")
+        return cfg
+
+
+@dataclass
+class RunStats:
+    prompts: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0  # wall time attributed to micro-batches that carried prompt tokens
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+    busy_s: list[float] = field(default_factory=list)  # per stage: time spent computing
+    loop_s: list[float] = field(default_factory=list)  # per stage: time in its serving loop
+
+    @property
+    def busy_fraction(self) -> list[float]:
+        return [b / l if l > 0 else 0.0 for b, l in zip(self.busy_s, self.loop_s)]
+
+    def summary(self) -> str:
+        pf = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        dc = self.decode_tokens / self.decode_s if self.decode_s else 0.0
+        busy = ", ".join(f"stage {i}: {100 * f:.0f}%" for i, f in enumerate(self.busy_fraction))
+        return (
+            f"{self.prompts} prompts | {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated | "
+            f"wall {self.wall_s:.2f}s | prefill {pf:,.0f} tok/s | decode {dc:,.0f} tok/s | "
+            f"overall {self.generated_tokens / max(self.wall_s, 1e-9):,.1f} generated tok/s\nbusy: {busy}"
+        )
+
+
+class _BusyClock:
+    """Compute time of one stage: CUDA events on GPU (no sync in the loop), host clock on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.host = 0.0
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, token) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append((token, ev))
+        else:
+            self.host += time.perf_counter() - token
+
+    def total(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
+        return self.host
+
+
+_SEQ_COLS = 9  # uid, slot, start, n_tokens, sample, seed, temperature, top_p, top_k (floats bit-cast)
+
+
+def _encode_chunks(chunks: tuple[ChunkPlan, ...]) -> torch.Tensor:
+    ints = torch.tensor([[c.uid, c.slot, c.start, len(c.tokens), int(c.sample), c.sampling.seed] for c in chunks],
+                        dtype=torch.int64)
+    floats = torch.tensor([[c.sampling.temperature, c.sampling.top_p, float(c.sampling.top_k)] for c in chunks],
+                          dtype=torch.float64).view(torch.int64)
+    return torch.cat([ints, floats], dim=1)
+
+
+@dataclass(frozen=True)
+class _WireChunk:
+    uid: int
+    slot: int
+    start: int
+    n_tokens: int
+    sample: bool
+    sampling: SamplingParams
+
+
+def _decode_chunks(table: torch.Tensor) -> list[_WireChunk]:
+    table = table.cpu()
+    ints = table[:, :6].tolist()
+    floats = table[:, 6:].contiguous().view(torch.float64).tolist()
+    return [
+        _WireChunk(u, s, st, n, bool(sm), SamplingParams(temperature=t, top_p=p, top_k=int(k), seed=sd))
+        for (u, s, st, n, sm, sd), (t, p, k) in zip(ints, floats)
+    ]
+
+
+class StageRunner:
+    """One stage's module, its shard of the rolling KV cache, and (last stage) the sampler."""
+
+    def __init__(self, args: ModelArgs, module: StageModule, cfg: InferenceConfig, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.args, self.module, self.cfg, self.device = args, module.eval(), cfg, device
+        n_slots = cfg.microbatches * cfg.batch_size
+        self.cache = RollingKVCache(list(module.spec.layers), n_slots, cfg.cache_len, args.n_kv_heads,
+                                    args.head_dim, dtype, device)
+        self.sampler = Sampler(device) if module.spec.has_head else None
+        self.clock = _BusyClock(device)
+
+    def forward(self, x: torch.Tensor, chunks: list) -> torch.Tensor:
+        meta = build_inference_meta(
+            [SeqChunk(c.slot, c.start, len(c.tokens) if isinstance(c, ChunkPlan) else c.n_tokens) for c in chunks],
+            capacity=self.cfg.cache_len, window=self.args.sliding_window, head_dim=self.args.head_dim,
+            rope_theta=self.args.rope_theta, n_kv_groups=self.args.n_heads // self.args.n_kv_heads,
+            device=self.device,
+        )
+        with torch.inference_mode():
+            return self.module(x, meta, self.cache, logits="last")
+
+    def sample(self, logits: torch.Tensor, chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.sampler is not None
+        positions = [c.start + (len(c.tokens) if isinstance(c, ChunkPlan) else c.n_tokens) for c in chunks]
+        return self.sampler.sample(logits, [c.uid for c in chunks], positions, [c.sampling for c in chunks])
+
+
+def _checked_requests(requests: Iterator[Request], args: ModelArgs, capacity: int) -> Iterator[Request]:
+    """Reject requests the model cannot serve before they take a slot."""
+    from pp_runtime.errors import InputError
+
+    for r in requests:
+        n = len(r.prompt_tokens)
+        if n == 0:
+            raise InputError(f"request {r.id!r}: the prompt tokenises to nothing; give a non-empty prompt")
+        if r.max_new_tokens < 1:
+            raise InputError(f"request {r.id!r}: max_new_tokens={r.max_new_tokens} must be at least 1")
+        limit = args.max_seq_len if args.sliding_window is not None and capacity >= args.sliding_window else capacity
+        if n + r.max_new_tokens > limit:
+            raise InputError(
+                f"request {r.id!r}: prompt of {n} tokens + max_new_tokens {r.max_new_tokens} exceeds the limit of "
+                f"{limit} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        yield r
+
+
+def run_pipeline(
+    ctx: ParallelContext,
+    runner: StageRunner,
+    requests: Optional[Iterator[Request]] = None,
+    eos_id: Optional[int] = None,
+    on_complete: Optional[Callable[[Completion], None]] = None,
+) -> tuple[list[Completion], RunStats]:
+    """Run this rank's part of pipelined generation. Only the first stage passes `requests`;
+    it returns the completions (in finishing order) and the run's statistics."""
+    link = PeerLink(ctx.device, ctx.pp_group)
+    t0 = time.perf_counter()
+    stats = RunStats()
+    try:
+        if ctx.is_first:
+            completions = _drive(ctx, runner, link, requests or iter(()), eos_id, on_complete, stats)
+        else:
+            completions = []
+            _serve(ctx, runner, link)
+    finally:
+        link.flush()
+    loop_s = time.perf_counter() - t0
+    busy = runner.clock.total()
+    stats.wall_s = loop_s
+    if ctx.pp_size > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * ctx.pp_size
+        dist.all_gather_object(gathered, (busy, loop_s), group=ctx.pp_group)
+        stats.busy_s, stats.loop_s = [g[0] for g in gathered], [g[1] for g in gathered]
+    else:
+        stats.busy_s, stats.loop_s = [busy], [loop_s]
+    return completions, stats
+
+
+def _drive(ctx, runner: StageRunner, link: PeerLink, requests, eos_id, on_complete, stats: RunStats):
+    cfg = runner.cfg
+    sched = StepScheduler(
+        SchedulerConfig(cfg.microbatches * cfg.batch_size, cfg.batch_size, cfg.max_batch_tokens, cfg.chunk_size),
+        _checked_requests(requests, runner.args, cfg.cache_len), eos_id,
+    )
+    inflight: deque[MicroBatch] = deque()
+    completions: list[Completion] = []
+    last_t = time.perf_counter()
+
+    def finish(mb: MicroBatch, tokens: list[int], logprobs: list[float]) -> None:
+        nonlocal last_t
+        now = time.perf_counter()
+        if any(c.prefill for c in mb.chunks):
+            stats.prefill_s += now - last_t
+        else:
+            stats.decode_s += now - last_t
+            stats.decode_tokens += len(mb.chunks)
+        last_t = now
+        for comp in sched.complete(mb, tokens, logprobs):
+            stats.prompts += 1
+            stats.prompt_tokens += len(comp.request.prompt_tokens)
+            stats.generated_tokens += len(comp.tokens)
+            completions.append(comp)
+            if on_complete is not None:
+                on_complete(comp)
+
+    try:
+        while True:
+            while len(inflight) < cfg.microbatches:
+                mb = sched.next_microbatch()
+                if mb is None:
+                    break
+                tokens = torch.tensor([t for c in mb.chunks for t in c.tokens], dtype=torch.long).to(ctx.device)
+                tok = runner.clock.start()
+                out = runner.forward(tokens, list(mb.chunks))
+                if ctx.pp_size == 1:
+                    ids, lps = runner.sample(out, list(mb.chunks))
+                    runner.clock.stop(tok)
+                    finish(mb, ids.tolist(), lps.tolist())
+                    continue
+                runner.clock.stop(tok)
+                link.send(ctx.next, KIND_DATA, [_encode_chunks(mb.chunks).to(ctx.device), out])
+                inflight.append(mb)
+            if not inflight:
+                if sched.done:
+                    break
+                continue
+            msg = link.recv(ctx.last)
+            finish(inflight.popleft(), msg.tensors[0].tolist(), msg.tensors[1].tolist())
+    except PPRuntimeError as e:
+        if ctx.pp_size > 1:
+            link.send(ctx.next, KIND_ABORT, [encode_text(str(e)).to(ctx.device)])
+        raise
+    if ctx.pp_size > 1:
+        link.send(ctx.next, KIND_STOP)
+    return completions
+
+
+def _serve(ctx, runner: StageRunner, link: PeerLink) -> None:
+    while True:
+        msg = link.recv(ctx.prev)
+        if msg.kind in (KIND_STOP, KIND_ABORT):
+            if not ctx.is_last:
+                link.send(ctx.next, msg.kind, msg.tensors)
+            if msg.kind == KIND_ABORT:
+                raise PPRuntimeError(decode_text(msg.tensors[0]))
+            return
+        table, x = msg.tensors
+        chunks = _decode_chunks(table)
+        tok = runner.clock.start()
+        out = runner.forward(x, chunks)
+        if ctx.is_last:
+            ids, lps = runner.sample(out, chunks)
+            runner.clock.stop(tok)
+            link.send(ctx.first, KIND_DATA, [ids, lps.float()])
+        else:
+            runner.clock.stop(tok)
+            link.send(ctx.next, KIND_DATA, [table, out])

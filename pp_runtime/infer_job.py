@@ -1,0 +1,153 @@
+"""The `launch/infer.py` job: pipelined generation over prompts from the command line or JSONL."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from pp_runtime.config import resolve_path
+from pp_runtime.engine import InferenceConfig, RunStats, StageRunner, run_pipeline
+from pp_runtime.errors import ConfigError
+from pp_runtime.parallel import ParallelContext, init_parallel
+from pp_runtime.prompts import PromptRecord, iter_lines, make_request, parse_prompt_line
+from pp_runtime.runtime import ModelSource, make_plan, resolve_dtype
+from pp_runtime.sampling import SamplingParams
+from pp_runtime.scheduler import Completion, Request
+
+
+def setup_inference(cfg: DictConfig) -> tuple[ParallelContext, ModelSource, StageRunner]:
+    """Process groups, plan, this stage's weights and cache: shared by infer and batch_infer."""
+    ctx = init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
+    source = ModelSource.from_config(cfg.model)
+    plan = make_plan(source.args, ctx, cfg.pipeline)
+    if ctx.rank == 0:
+        print(f"stage plan ({ctx.pp_size} stage(s) x {ctx.dp_size} replica(s)):\n{plan.describe()}", flush=True)
+    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+    module = source.build_stage(plan.stages[ctx.pp_rank], dtype, ctx.device)
+    icfg = InferenceConfig(**cfg.inference).resolved(source.args, ctx.pp_size)
+    return ctx, source, StageRunner(source.args, module, icfg, ctx.device, dtype)
+
+
+def load_tokenizer(source: ModelSource):
+    from pp_runtime.tokenizer import Tokenizer
+
+    if source.path is None:
+        raise ConfigError("a random `preset` model has no tokenizer; give model.path=DIR with a tokenizer.model")
+    tok = Tokenizer.from_dir(source.path)
+    if tok.vocab_size != source.args.vocab_size:
+        from pp_runtime.errors import CheckpointError
+
+        raise CheckpointError(
+            f"{tok.path} has {tok.vocab_size} pieces but the model's vocab_size is {source.args.vocab_size}; "
+            "use the tokenizer that belongs to these weights"
+        )
+    return tok
+
+
+def default_sampling(cfg: DictConfig) -> SamplingParams:
+    s = cfg.sampling
+    return SamplingParams(float(s.temperature), float(s.top_p), int(s.top_k), int(s.seed))
+
+
+def prompt_records(cfg: DictConfig) -> Iterator[PromptRecord]:
+    if (cfg.prompt is None) == (cfg.input is None):
+        raise ConfigError('give exactly one of prompt="..." or input=FILE.jsonl')
+    if cfg.prompt is not None:
+        if not str(cfg.prompt).strip():
+            from pp_runtime.errors import InputError
+
+            raise InputError("the prompt is empty; give a non-empty prompt=")
+        yield PromptRecord(line_no=0, id=0, prompt=str(cfg.prompt))
+        return
+    path = resolve_path(cfg.input)
+    for no, line in iter_lines(path):
+        yield parse_prompt_line(line, no, source=str(cfg.input))
+
+
+def replica_requests(cfg: DictConfig, ctx: ParallelContext, tokenizer) -> Iterator[Request]:
+    """This replica's share of the requests (every dp_size-th, by input order)."""
+    sampling = default_sampling(cfg)
+    for uid, rec in enumerate(prompt_records(cfg)):
+        if uid % ctx.dp_size == ctx.dp_rank:
+            yield make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
+
+
+def completion_record(c: Completion, tokenizer) -> dict:
+    return {
+        "id": c.request.id,
+        "prompt": c.request.prompt,
+        "completion": tokenizer.decode(c.tokens) if tokenizer is not None else None,
+        "tokens": c.tokens,
+        "logprobs": [round(x, 5) for x in c.logprobs],
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": len(c.request.prompt_tokens),
+        "generated_tokens": len(c.tokens),
+    }
+
+
+def run(cfg: DictConfig) -> int:
+    ctx, source, runner = setup_inference(cfg)
+    tokenizer = load_tokenizer(source) if ctx.is_first else None
+    requests = replica_requests(cfg, ctx, tokenizer) if ctx.is_first else None
+    bar = _progress(cfg, ctx)
+    completions, stats = run_pipeline(ctx, runner, requests, tokenizer.eos_id if tokenizer else None,
+                                      on_complete=(lambda c: bar.update(1)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    records = [(c.request.uid, completion_record(c, tokenizer)) for c in completions]
+    all_records, all_stats = _gather_to_rank0(ctx, records, stats)
+    if ctx.rank == 0:
+        all_records.sort(key=lambda r: r[0])
+        _write(cfg, [r for _, r in all_records])
+        print(all_stats.summary(), flush=True)
+    return 0
+
+
+def _progress(cfg: DictConfig, ctx: ParallelContext):
+    if ctx.rank != 0 or not cfg.progress or cfg.input is None:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="prompts", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
+
+
+def _gather_to_rank0(ctx: ParallelContext, records: list, stats: RunStats) -> tuple[list, RunStats]:
+    if not ctx.distributed:
+        return records, stats
+    gathered: Optional[list] = [None] * ctx.world_size if ctx.rank == 0 else None
+    dist.gather_object((records, stats if ctx.is_first else None), gathered, dst=0)
+    if ctx.rank != 0:
+        return [], stats
+    merged = [r for recs, _ in gathered for r in recs]
+    replica_stats = [s for _, s in gathered if s is not None]
+    total = replica_stats[0]
+    for s in replica_stats[1:]:
+        total.prompts += s.prompts
+        total.prompt_tokens += s.prompt_tokens
+        total.generated_tokens += s.generated_tokens
+        total.decode_tokens += s.decode_tokens
+        total.wall_s = max(total.wall_s, s.wall_s)
+        total.prefill_s = max(total.prefill_s, s.prefill_s)
+        total.decode_s = max(total.decode_s, s.decode_s)
+    return merged, total
+
+
+def _write(cfg: DictConfig, records: list[dict]) -> None:
+    out = resolve_path(cfg.output)
+    if out is None:
+        for r in records:
+            print(f"[{r['id']}] {r['prompt']!r} -> {r['completion']!r} ({r['finish_reason']})")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    print(f"wrote {len(records)} results to {out}", flush=True)

@@ -1,0 +1,108 @@
+"""Process groups: world = data-parallel replicas x pipeline stages, as a DeviceMesh."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pp_runtime.errors import ConfigError
+
+
+@dataclass
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dp_size: int = 1
+    pp_size: int = 1
+    dp_rank: int = 0
+    pp_rank: int = 0
+    pp_ranks: tuple[int, ...] = (0,)  # global ranks of this replica's pipeline, stage order
+    pp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def prev(self) -> int:
+        return self.pp_ranks[self.pp_rank - 1]
+
+    @property
+    def next(self) -> int:
+        return self.pp_ranks[self.pp_rank + 1]
+
+    @property
+    def first(self) -> int:
+        return self.pp_ranks[0]
+
+    @property
+    def last(self) -> int:
+        return self.pp_ranks[-1]
+
+
+def pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no GPU is visible; use device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise ConfigError(f"device={device!r}: use auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def init_parallel(stages: Optional[int] = None, data_parallel: int = 1, device: str = "auto",
+                  timeout_s: float = 600.0) -> ParallelContext:
+    """Start torch.distributed from torchrun's environment (or run as one process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if data_parallel < 1:
+        raise ConfigError(f"pipeline.data_parallel={data_parallel} must be at least 1")
+    pp = stages if stages else world // data_parallel
+    if pp < 1 or pp * data_parallel != world:
+        raise ConfigError(
+            f"pipeline.stages={stages} x pipeline.data_parallel={data_parallel} must equal the number of "
+            f"processes ({world}); change them or --nproc_per_node / --nnodes"
+        )
+    if world == 1:
+        return ParallelContext(device=dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(dev.type, (data_parallel, pp), mesh_dim_names=("dp", "pp"))
+    pp_group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+    dp_rank, pp_rank = rank // pp, rank % pp
+    return ParallelContext(
+        rank=rank, world_size=world, local_rank=local_rank, device=dev,
+        dp_size=data_parallel, pp_size=pp, dp_rank=dp_rank, pp_rank=pp_rank,
+        pp_ranks=tuple(dp_rank * pp + i for i in range(pp)),
+        pp_group=pp_group, dp_group=dp_group,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,187 @@
+"""Stage partitioner: a pure function from per-layer costs to a plan of contiguous stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from pp_runtime.args import ModelArgs
+from pp_runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One (virtual) stage: global layers [first, last), plus embedding and/or norm+head."""
+
+    index: int
+    rank: int
+    first: int
+    last: int
+    has_embedding: bool
+    has_head: bool
+    cost: float = 0.0
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.last)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stages: tuple[StageSpec, ...]
+    n_ranks: int
+
+    @property
+    def virtual_stages(self) -> int:
+        return len(self.stages) // self.n_ranks
+
+    def for_rank(self, rank: int) -> list[StageSpec]:
+        return [s for s in self.stages if s.rank == rank]
+
+    @property
+    def bottleneck(self) -> float:
+        return max(s.cost for s in self.stages)
+
+    @property
+    def split(self) -> list[int]:
+        return [s.last - s.first for s in self.stages]
+
+    def describe(self) -> str:
+        lines = []
+        total = sum(s.cost for s in self.stages) or 1.0
+        for s in self.stages:
+            parts = (["embedding"] if s.has_embedding else []) + [f"layers {s.first}-{s.last - 1}" if s.last > s.first else "no layers"]
+            parts += ["norm+head"] if s.has_head else []
+            lines.append(f"  stage {s.index} (rank {s.rank}): {', '.join(parts)}  [cost {100 * s.cost / total:.1f}%]")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    embedding: float
+    blocks: tuple[float, ...]
+    head: float
+
+
+def model_costs(args: ModelArgs, *, training: bool = False, context: int = 2048) -> LayerCosts:
+    """Relative cost of each unit.
+
+    Training and prefill are compute-bound: FLOPs per token (MoE counts its active experts, the head
+    its matmul plus the loss). Decode is bound by reading weights: for inference the cost is the
+    weight bytes, where a MoE block reads all its experts.
+    """
+    d, hd = args.dim, args.head_dim
+    attn_params = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn_params = 3 * d * args.hidden_dim
+    n_exp = args.moe.num_experts if args.moe else 1
+    active = args.moe.num_experts_per_tok if args.moe else 1
+    head_params = d * args.vocab_size
+    if training:
+        attn_ctx = 2 * args.n_heads * hd * min(context, args.window)
+        block = 2 * (attn_params + active * ffn_params) + attn_ctx
+        head = 2 * head_params + 5 * args.vocab_size
+        return LayerCosts(embedding=float(d), blocks=(float(block),) * args.n_layers, head=float(head))
+    block = attn_params + n_exp * ffn_params + (d * n_exp if args.moe else 0)
+    return LayerCosts(embedding=float(d), blocks=(float(block),) * args.n_layers, head=float(head_params))
+
+
+def _stage_cost(costs: LayerCosts, a: int, b: int, first: bool, last: bool) -> float:
+    return sum(costs.blocks[a:b]) + (costs.embedding if first else 0.0) + (costs.head if last else 0.0)
+
+
+def partition(
+    costs: LayerCosts,
+    n_ranks: int,
+    virtual_stages: int = 1,
+    split: Optional[Sequence[int]] = None,
+) -> StagePlan:
+    """Split the blocks into `n_ranks * virtual_stages` contiguous stages minimising the slowest one.
+
+    Stage s lives on rank s % n_ranks (the interleaved layout; with one virtual stage it is rank s).
+    The embedding goes with the first stage and the norm+head with the last.
+    """
+    n_layers = len(costs.blocks)
+    if n_ranks < 1:
+        raise ConfigError(f"pipeline.stages={n_ranks}: need at least one stage")
+    if virtual_stages < 1:
+        raise ConfigError(f"virtual_stages={virtual_stages}: need at least 1 per rank")
+    n_stages = n_ranks * virtual_stages
+    if split is not None:
+        split = [int(x) for x in split]
+        if len(split) != n_stages:
+            raise ConfigError(
+                f"pipeline.split has {len(split)} entries but there are {n_stages} stages "
+                f"({n_ranks} ranks x {virtual_stages} virtual); give one layer count per stage"
+            )
+        if sum(split) != n_layers:
+            raise ConfigError(f"pipeline.split={split} sums to {sum(split)} but the model has {n_layers} layers; make it sum to {n_layers}")
+        if any(x < 0 for x in split):
+            raise ConfigError(f"pipeline.split={split} has a negative entry")
+        empty = [i for i, x in enumerate(split) if x == 0 and 0 < i < n_stages - 1]
+        if empty:
+            raise ConfigError(f"pipeline.split={split} leaves stage(s) {empty} with nothing to do; give each middle stage at least one layer")
+        if n_stages > 1 and (split[0] == 0 and split[-1] == 0):
+            raise ConfigError(f"pipeline.split={split}: first and last stages cannot both be empty")
+        bounds = [0]
+        for x in split:
+            bounds.append(bounds[-1] + x)
+    else:
+        if n_stages > n_layers:
+            raise ConfigError(
+                f"{n_stages} stages ({n_ranks} ranks x {virtual_stages} virtual) for {n_layers} layers: "
+                f"use at most {n_layers} stages (fewer GPUs, fewer virtual stages, or pipeline.data_parallel)"
+            )
+        bounds = _min_max_split(costs, n_stages)
+    stages = tuple(
+        StageSpec(
+            index=s,
+            rank=s % n_ranks,
+            first=bounds[s],
+            last=bounds[s + 1],
+            has_embedding=s == 0,
+            has_head=s == n_stages - 1,
+            cost=_stage_cost(costs, bounds[s], bounds[s + 1], s == 0, s == n_stages - 1),
+        )
+        for s in range(n_stages)
+    )
+    return StagePlan(stages=stages, n_ranks=n_ranks)
+
+
+def _min_max_split(costs: LayerCosts, n_stages: int) -> list[int]:
+    """Exact dynamic programme over contiguous splits, each stage at least one block."""
+    n = len(costs.blocks)
+    prefix = [0.0]
+    for c in costs.blocks:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: min over splits of blocks [0, i) into s stages of the max stage cost
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n_stages + 1):
+        last = s == n_stages
+        for i in range(s, n + 1):
+            if last and i != n:
+                continue
+            for j in range(s - 1, i):
+                c = prefix[i] - prefix[j] + (costs.embedding if s == 1 else 0.0) + (costs.head if last else 0.0)
+                v = max(best[s - 1][j], c)
+                if v < best[s][i] - 1e-9:
+                    best[s][i], cut[s][i] = v, j
+    bounds = [n]
+    i = n
+    for s in range(n_stages, 0, -1):
+        i = cut[s][i]
+        bounds.append(i)
+    return bounds[::-1]
+
+
+def plan_for(
+    args: ModelArgs,
+    n_ranks: int,
+    *,
+    virtual_stages: int = 1,
+    split: Optional[Sequence[int]] = None,
+    training: bool = False,
+) -> StagePlan:
+    return partition(model_costs(args, training=training), n_ranks, virtual_stages, split)

@@ -1,0 +1,99 @@
+"""Prompt records from the command line or JSONL, and their conversion into requests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pp_runtime.errors import InputError
+from pp_runtime.sampling import SamplingParams
+from pp_runtime.scheduler import Request
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    line_no: int  # 1-based line in the input file (0 for a command-line prompt)
+    id: Any
+    prompt: str
+    max_new_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Stream non-blank lines with their 1-based numbers; the file is never loaded whole."""
+    if not path.is_file():
+        raise InputError(f"input file {str(path)!r} does not exist; check input=")
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, start=1):
+            if line.strip():
+                yield no, line
+
+
+def parse_prompt_line(line: str, line_no: int, source: str = "input") -> PromptRecord:
+    """`{"id", "prompt", [max_new_tokens, temperature, top_p, top_k]}` or an OpenAI batch line
+    (`custom_id`, `body` with `prompt` or `messages`, `max_tokens`, `temperature`, `top_p`)."""
+    where = f"{source} line {line_no}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    body = obj.get("body") if isinstance(obj.get("body"), dict) else obj
+    rid = obj.get("custom_id", obj.get("id", line_no))
+    prompt = body.get("prompt")
+    if prompt is None and isinstance(body.get("messages"), list):
+        prompt = _messages_to_prompt(body["messages"], where)
+    if not isinstance(prompt, str):
+        raise InputError(f"{where}: no \"prompt\" string (or \"messages\" list); every line needs one")
+    if not prompt.strip():
+        raise InputError(f"{where}: the prompt is empty; give a non-empty prompt")
+    try:
+        return PromptRecord(
+            line_no=line_no, id=rid, prompt=prompt,
+            max_new_tokens=_opt(body, ("max_new_tokens", "max_tokens"), int),
+            temperature=_opt(body, ("temperature",), float),
+            top_p=_opt(body, ("top_p",), float),
+            top_k=_opt(body, ("top_k",), int),
+        )
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def _opt(obj: dict, keys: tuple[str, ...], kind: type) -> Any:
+    for k in keys:
+        if obj.get(k) is not None:
+            return kind(obj[k])
+    return None
+
+
+def _messages_to_prompt(messages: list, where: str) -> str:
+    """Mistral instruct format: [INST] user [/INST] assistant</s> ..."""
+    parts = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise InputError(f"{where}: each message needs a \"role\" and a \"content\" string")
+        if m.get("role") in ("user", "system"):
+            parts.append(f"[INST] {m['content']} [/INST]")
+        else:
+            parts.append(f" {m['content']}")
+    return "".join(parts)
+
+
+def make_request(uid: int, rec: PromptRecord, tokenizer, default_max_new: int, default_sampling: SamplingParams) -> Request:
+    tokens = tokenizer.encode(rec.prompt, bos=True)
+    if len(tokens) <= (1 if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else 0):
+        raise InputError(f"request {rec.id!r}: the prompt tokenises to nothing; give a non-empty prompt")
+    sampling = SamplingParams(
+        temperature=default_sampling.temperature if rec.temperature is None else rec.temperature,
+        top_p=default_sampling.top_p if rec.top_p is None else rec.top_p,
+        top_k=default_sampling.top_k if rec.top_k is None else rec.top_k,
+        seed=default_sampling.seed,
+    )
+    return Request(uid=uid, id=rec.id, prompt=rec.prompt, prompt_tokens=tokens,
+                   max_new_tokens=default_max_new if rec.max_new_tokens is None else rec.max_new_tokens,
+                   sampling=sampling)

@@ -1,0 +1,85 @@
+"""Write a randomly initialised Mistral-format checkpoint of any preset, one tensor at a time.
+
+    python -m pp_runtime.random_checkpoint --preset mistral-7b --out DIR [--dtype bfloat16] [--seed 0]
+        [--layers N] [--tokenizer PATH]
+
+Only one tensor is in memory at once, so a 7B (14.5 GB in bf16) or 8x7B model can be written on a
+machine with little RAM. The weights equal `checkpoint.random_state_dict(args, seed, dtype)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from pp_runtime.args import PRESETS, ModelArgs, preset
+from pp_runtime.checkpoint import full_spec, random_tensor, stage_shapes, write_safetensors_streaming
+from pp_runtime.errors import PPRuntimeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_random_checkpoint(
+    out: str | Path,
+    args: ModelArgs,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer: Optional[str | Path] = None,
+) -> Path:
+    """params.json + consolidated.safetensors (+ tokenizer.model) with random weights; returns the folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        src = Path(tokenizer)
+        if not src.is_file():
+            raise PPRuntimeError(
+                f"--tokenizer {str(src)!r} is not a file; give the path of a sentencepiece tokenizer.model"
+            )
+        shutil.copyfile(src, out / "tokenizer.model")
+    shapes = stage_shapes(args, full_spec(args))
+    write_safetensors_streaming(
+        out / "consolidated.safetensors",
+        [(name, shape, dtype) for name, shape in shapes.items()],
+        lambda name: random_tensor(name, shapes[name], seed, dtype),
+    )
+    (out / "params.json").write_text(json.dumps(args.to_params_json(), indent=2))
+    return out
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pp_runtime.random_checkpoint", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="folder to write (created if missing)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to copy into the folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = _parse(argv)
+    try:
+        args = preset(ns.preset, **({"n_layers": ns.layers} if ns.layers is not None else {}))
+        if (Path(ns.out) / "consolidated.safetensors").exists() and not ns.force:
+            raise PPRuntimeError(
+                f"{ns.out} already holds a checkpoint; pass --force to overwrite it or pick another --out"
+            )
+        out = write_random_checkpoint(ns.out, args, ns.seed, DTYPES[ns.dtype], ns.tokenizer)
+    except PPRuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = (out / "consolidated.safetensors").stat().st_size
+    print(f"wrote {ns.preset} ({args.n_layers} layers, {ns.dtype}, seed {ns.seed}) to {out}: {size / 1e9:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Build what a job needs from its config: process groups, the stage plan, this stage's weights."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from pp_runtime.args import ModelArgs, preset
+from pp_runtime.config import resolve_path
+from pp_runtime.errors import ConfigError
+from pp_runtime.model import StageModule
+from pp_runtime.parallel import ParallelContext
+from pp_runtime.partition import StagePlan, StageSpec, plan_for
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo" / "model"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"model.dtype={name!r}: use auto, float32, bfloat16, float16 or float64")
+    return _DTYPES[name]
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: a checkpoint folder, or seeded random weights of a preset shape."""
+
+    args: ModelArgs
+    path: Optional[Path]
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, model_cfg: DictConfig) -> "ModelSource":
+        path = resolve_path(model_cfg.get("path"))
+        if path is not None:
+            from pp_runtime.checkpoint import load_model_args
+
+            return cls(load_model_args(path), path)
+        if model_cfg.get("preset"):
+            return cls(preset(model_cfg.preset), None, int(model_cfg.get("seed", 0)))
+        if not DEMO_DIR.exists():
+            raise ConfigError(f"the embedded demo model is missing at {DEMO_DIR}; set model.path=DIR or model=random")
+        from pp_runtime.checkpoint import load_model_args
+
+        return cls(load_model_args(DEMO_DIR), DEMO_DIR)
+
+    def build_stage(self, spec: StageSpec, dtype: torch.dtype, device: torch.device) -> StageModule:
+        if self.path is not None:
+            from pp_runtime.checkpoint import load_stage_module
+
+            return load_stage_module(self.path, self.args, spec, dtype, device)
+        with torch.device(device):
+            module = StageModule(self.args, spec)
+        init_random_(module, self.seed)
+        return module.to(dtype)
+
+    @property
+    def tokenizer_dir(self) -> Optional[Path]:
+        return self.path
+
+
+def init_random_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Seeded per parameter *name*: any stage split builds exactly the weights one process would."""
+    for name, p in module.named_parameters():
+        digest = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+        gen = torch.Generator().manual_seed(digest % (2**63 - 1))
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def make_plan(args: ModelArgs, ctx: ParallelContext, pipeline_cfg: DictConfig, training: bool = False,
+              virtual_stages: int = 1) -> StagePlan:
+    split = pipeline_cfg.get("split")
+    return plan_for(args, ctx.pp_size, virtual_stages=virtual_stages,
+                    split=list(split) if split is not None else None, training=training)

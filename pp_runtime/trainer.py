@@ -1,0 +1,315 @@
+"""One optimizer step = one run of the pipeline schedule over the step's micro-batches.
+
+The loss of a step is the sum of the token cross-entropies over all its micro-batches and all
+data-parallel replicas, divided by the number of valid target tokens in that whole step (not a
+mean of per-micro-batch means). Every rank holds the same packed data, so each knows that count
+without communicating, and scales its micro-batch losses by it before the backward. Then:
+
+1. gradients are summed across data-parallel replicas (`dp_group`);
+2. the global gradient norm over all stages is the square root of the all-reduced sum of the
+   stages' squared norms (`pp_group`); as the replicas hold equal gradients it is the same
+   everywhere, and gradients are clipped by it;
+3. AdamW (decay on matrices only) with linear warmup and cosine decay of the learning rate.
+
+With a bfloat16/float16 model the optimizer keeps float32 master weights (gradients are
+accumulated in the model dtype, then copied to float32 for clipping and the update).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pp_runtime.args import ModelArgs
+from pp_runtime.attention_meta import build_training_meta
+from pp_runtime.comm import PeerLink
+from pp_runtime.executor import MicroBatch, PipelineExecutor
+from pp_runtime.model import StageModule
+from pp_runtime.parallel import ParallelContext
+from pp_runtime.schedules import Schedule
+from pp_runtime.train_data import IGNORE, Batch, PackedDataset, check_batch_shape
+
+PEAK_FLOPS_H200_BF16 = 787e12  # measured bf16 matmul 8192^3 on H200 (DESIGN.md)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # rows per step over all replicas
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    activation_checkpointing: bool = False
+    master_weights: Optional[bool] = None  # None = when the model dtype is below float32
+    peak_flops: float = PEAK_FLOPS_H200_BF16
+    log_every: int = 1
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (>= 2-D), none on norm weights."""
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropies over the valid targets (float32 or better)."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """6 x non-embedding (active) parameters + 6 x layers x heads x head_dim x seq (DESIGN.md's MFU count)."""
+    d, hd = args.dim, args.head_dim
+    attn = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn = 3 * d * args.hidden_dim * (args.moe.num_experts_per_tok if args.moe else 1)
+    gate = d * args.moe.num_experts if args.moe else 0
+    n = args.n_layers * (attn + ffn + gate + 2 * d) + d + d * args.vocab_size  # blocks, final norm, head
+    return 6.0 * n + 6.0 * args.n_layers * args.n_heads * hd * seq_len
+
+
+@dataclass
+class StepStats:
+    step: int  # 1-based number of the step just taken
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int  # tokens processed in the step (all replicas, padding included)
+    valid_tokens: int  # targets the loss was taken over
+    step_time_s: float
+    tokens_per_s: float
+    mfu: Optional[float]
+    epoch: float
+    timings: list = field(default_factory=list, repr=False)  # this rank's (Action, start, end)
+
+    def to_json(self) -> dict:
+        return {
+            "step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
+            "tokens": self.tokens, "valid_tokens": self.valid_tokens, "step_time_s": round(self.step_time_s, 6),
+            "tokens_per_s": round(self.tokens_per_s, 2), "mfu": None if self.mfu is None else round(self.mfu, 5),
+            "epoch": round(self.epoch, 5), "time": time.time(),
+        }
+
+    def line(self, total_steps: int) -> str:
+        mfu = f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""
+        return (f"step {self.step}/{total_steps} | loss {self.loss:.4f} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.4f} | "
+                f"{self.tokens_per_s:,.0f} tok/s{mfu} | {self.step_time_s:.3f}s")
+
+
+class Trainer:
+    """Holds this rank's stages, the optimizer and the data position; `step()` takes one optimizer step."""
+
+    def __init__(
+        self,
+        ctx: ParallelContext,
+        args: ModelArgs,
+        schedule: Schedule,
+        stages: Mapping[int, StageModule],
+        data: PackedDataset,
+        cfg: TrainConfig,
+        metrics_path: Optional[Path] = None,
+        console: bool = True,
+    ) -> None:
+        self.ctx, self.args, self.schedule, self.cfg, self.data = ctx, args, schedule, cfg, data
+        self.stages = dict(sorted(stages.items()))
+        self.rows_per_mb = check_batch_shape(cfg.batch_size, ctx.dp_size, schedule.n_microbatches)
+        self.rows_per_replica = cfg.batch_size // ctx.dp_size
+        self.step_count = 0  # optimizer steps taken
+        self.position = 0  # rows of the data stream consumed
+        self.metrics_path = metrics_path if ctx.rank == 0 else None
+        self.console = console and ctx.rank == 0
+        for m in self.stages.values():
+            m.train()
+            m.activation_checkpointing = cfg.activation_checkpointing
+        self.named_params: list[tuple[str, torch.nn.Parameter]] = [
+            (name, p) for m in self.stages.values() for name, p in m.named_parameters()
+        ]
+        names = [n for n, _ in self.named_params]
+        if len(set(names)) != len(names):
+            raise ValueError("local stages share parameter names; stages must hold disjoint layers")
+        dtype = self.named_params[0][1].dtype
+        self.master = cfg.master_weights if cfg.master_weights is not None else dtype in (torch.bfloat16, torch.float16)
+        if self.master:
+            self.opt_params = [(n, torch.nn.Parameter(p.detach().float().clone())) for n, p in self.named_params]
+        else:
+            self.opt_params = self.named_params
+        self.optimizer = torch.optim.AdamW(param_groups(self.opt_params, cfg.weight_decay), lr=cfg.lr,
+                                           betas=tuple(cfg.betas), eps=cfg.eps)
+        link = PeerLink(ctx.device, ctx.pp_group) if ctx.pp_size > 1 else None
+        self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, link, ctx.device,
+                                         sync_timings=ctx.device.type == "cuda")
+        self.flops_per_token = flops_per_token(args, data.seq_len)
+
+    # ------------------------------------------------------------------------------ batches
+    def step_batch(self, step_position: int) -> Batch:
+        """All rows of the step starting at `step_position` (every replica's)."""
+        return self.data.batch(step_position, self.cfg.batch_size)
+
+    def microbatches(self, batch: Batch) -> list[MicroBatch]:
+        """This replica's rows of the step, as micro-batches with their attention metadata."""
+        lo = self.ctx.dp_rank * self.rows_per_replica
+        mine = Batch(batch.tokens[lo:lo + self.rows_per_replica], batch.targets[lo:lo + self.rows_per_replica],
+                     batch.doc_lens[lo:lo + self.rows_per_replica])
+        a = self.args
+        out = []
+        for part in mine.split(self.schedule.n_microbatches):
+            meta = build_training_meta(part.doc_lens, window=a.sliding_window, head_dim=a.head_dim,
+                                       rope_theta=a.rope_theta, n_kv_groups=a.n_heads // a.n_kv_heads,
+                                       device=self.ctx.device)
+            out.append(MicroBatch(part.tokens.reshape(-1).to(self.ctx.device),
+                                  part.targets.reshape(-1).to(self.ctx.device), meta))
+        return out
+
+    # ------------------------------------------------------------------------------ the step
+    def step(self) -> StepStats:
+        ctx, cfg = self.ctx, self.cfg
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        t0 = time.perf_counter()
+        batch = self.step_batch(self.position)
+        n_valid = batch.n_valid  # over the whole step: every replica, every micro-batch
+        scale = 1.0 / max(n_valid, 1)
+
+        def loss_fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            ce = token_loss(logits, mb.targets)
+            return ce / max(int((mb.targets != IGNORE).sum()), 1) / self.schedule.n_microbatches, ce.detach()
+
+        for _, p in self.named_params:
+            p.grad = None
+        record = self.executor.run(self.microbatches(batch), loss_fn)
+        self._reduce_gradients()
+        grad_norm = self._clip()
+        lr = lr_at(self.step_count, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if self.master:
+            with torch.no_grad():
+                for (_, p), (_, mp) in zip(self.named_params, self.opt_params):
+                    p.copy_(mp)
+        loss_sum = record.loss_sum.clone()
+        if ctx.distributed:
+            dist.all_reduce(loss_sum)  # only last-stage ranks contribute; the sum is over replicas
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        dt = time.perf_counter() - t0
+        self.step_count += 1
+        self.position += cfg.batch_size
+        tokens = int(batch.tokens.numel())
+        tps = tokens / max(dt, 1e-12)
+        mfu = tps * self.flops_per_token / (ctx.world_size * cfg.peak_flops) if ctx.device.type == "cuda" else None
+        stats = StepStats(step=self.step_count, loss=float(loss_sum) / max(n_valid, 1), lr=lr, grad_norm=grad_norm,
+                          tokens=tokens, valid_tokens=n_valid, step_time_s=dt, tokens_per_s=tps, mfu=mfu,
+                          epoch=self.data.epoch_of(self.position), timings=record.timings)
+        self._log(stats)
+        return stats
+
+    def _grads(self) -> list[torch.Tensor]:
+        """Model gradients, zeros where a parameter got none (an unrouted expert), so reductions line up."""
+        out = []
+        for _, p in self.named_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            out.append(p.grad)
+        return out
+
+    def _reduce_gradients(self, bucket_elems: int = 1 << 25) -> None:
+        """Sum gradients across data-parallel replicas, in flat buckets of about `bucket_elems`."""
+        grads = self._grads()
+        if self.ctx.dp_size > 1:
+            buckets: list[list[torch.Tensor]] = [[]]
+            size = 0
+            for g in grads:
+                if buckets[-1] and size + g.numel() > bucket_elems:
+                    buckets.append([])
+                    size = 0
+                buckets[-1].append(g)
+                size += g.numel()
+            for bucket in buckets:
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=self.ctx.dp_group)
+                off = 0
+                for b in bucket:
+                    b.copy_(flat[off:off + b.numel()].view_as(b))
+                    off += b.numel()
+        if self.master:
+            for (_, p), (_, mp) in zip(self.named_params, self.opt_params):
+                mp.grad = p.grad.detach().float()
+
+    def _clip(self) -> float:
+        """Global norm over all stages (and DP-consistent); clips in place when above grad_clip."""
+        grads = [mp.grad for _, mp in self.opt_params]
+        sq = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for g in grads:
+            sq += g.detach().to(torch.float64).pow(2).sum()
+        if self.ctx.pp_size > 1:
+            dist.all_reduce(sq, group=self.ctx.pp_group)
+        norm = float(sq.sqrt())
+        if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
+            coef = self.cfg.grad_clip / (norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def _log(self, stats: StepStats) -> None:
+        if self.console and (stats.step % max(1, self.cfg.log_every) == 0 or stats.step == self.cfg.steps):
+            print(stats.line(self.cfg.steps), flush=True)
+        if self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(stats.to_json()) + "\n")
+
+    # ------------------------------------------------------------------------------ state
+    def weights_of_record(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the optimizer's (master) copy of every local parameter, by global name."""
+        return {n: p.detach() for n, p in self.opt_params}
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """AdamW state by global parameter name: NAME.exp_avg, NAME.exp_avg_sq, NAME.step."""
+        out: dict[str, torch.Tensor] = {}
+        for n, p in self.opt_params:
+            st = self.optimizer.state.get(p)
+            if not st:
+                continue
+            out[f"{n}.exp_avg"] = st["exp_avg"].detach()
+            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach()
+            out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+        return out
+
+    def load_state(self, weights: Mapping[str, torch.Tensor], optim: Mapping[str, torch.Tensor], step: int, position: int) -> None:
+        """Adopt a checkpoint's weights and optimizer state (any split: looked up by global name)."""
+        with torch.no_grad():
+            for (n, p), (_, mp) in zip(self.named_params, self.opt_params):
+                mp.copy_(weights[n])
+                if mp is not p:
+                    p.copy_(mp)
+        for n, p in self.opt_params:
+            if f"{n}.exp_avg" in optim:
+                self.optimizer.state[p] = {
+                    "step": optim[f"{n}.step"].reshape(()).clone().float(),
+                    "exp_avg": optim[f"{n}.exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
+                    "exp_avg_sq": optim[f"{n}.exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
+                }
+        self.step_count, self.position = int(step), int(position)
