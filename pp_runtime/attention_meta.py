@@ -93,6 +93,7 @@ def build_inference_meta(
     n_kv_groups: int,
     device: torch.device | str = "cpu",
     rope_dtype: torch.dtype = torch.float32,
+    min_read_len: int = 0,
 ) -> AttentionMeta:
     """Metadata for one step over packed sequences that read and extend a rolling KV cache.
 
@@ -129,7 +130,7 @@ def build_inference_meta(
 
     write_first = c_max == 1
     filled = start + (1 if write_first else 0)  # tokens the ring holds when attention reads it
-    read_len = int(min(capacity, int(filled.max())))
+    read_len = int(min(capacity, max(int(filled.max()), min_read_len)))  # a floor keeps shapes stable for graphs
     j = torch.arange(read_len)
     ring_pos = filled[:, None] - 1 - torch.remainder(filled[:, None] - 1 - j[None, :], capacity)  # [R, L]
     ring_valid = ring_pos >= 0

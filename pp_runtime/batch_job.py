@@ -18,7 +18,12 @@ errors file describes the latest run. Resuming assumes the same input file.
 Work split: the input's non-blank lines are numbered 0, 1, 2, ... in order (this number is also the
 request uid that keys the sampling stream, so results do not depend on the number of replicas) and
 replica R takes the lines whose number % data_parallel == R. Each replica's first stage streams the
-whole file but parses only its share; nothing is loaded whole.
+whole file but parses only its share; nothing is loaded whole. Across nodes the output folder must
+be on a shared filesystem (checked at start-up).
+
+A result line: `id`, `line` (1-based input line), then infer's record: `prompt`, `completion`,
+`tokens`, `logprobs`, `finish_reason` ("stop" or "length"), `prompt_tokens`, `generated_tokens`.
+An error line: `line`, `id` (when it could be read) and `error`.
 """
 
 from __future__ import annotations
@@ -169,9 +174,10 @@ class ResumeState:
 
 
 def prepare_resume(paths: BatchPaths) -> ResumeState:
-    """Rank 0, before any replica writes: repair the parts, collect the finished lines, drop stale
-    error parts and markers (error lines are checked again), count the input."""
-    for stale in [*paths.error_parts(), *paths.done_markers(), paths.errors,
+    """Rank 0, before any replica writes: repair the parts, collect the finished lines, drop the last
+    run's errors (error lines are checked again), markers and summary, count the input."""
+    probes = paths.output.parent.glob(f".{paths.output.name}.probe-*") if paths.output.parent.is_dir() else []
+    for stale in [*paths.error_parts(), *paths.done_markers(), paths.errors, paths.summary, *probes,
                   paths.output.with_name(paths.output.name + ".tmp")]:
         stale.unlink(missing_ok=True)
     done, repaired, offsets = LineSet(), 0, {}
@@ -333,9 +339,15 @@ class Progress:
         self._last_print = self.t0
         self._bar = None
         if enabled and self.stream.isatty():
+            import shutil
+
             from tqdm import tqdm
 
-            self._bar = tqdm(total=todo, desc="batch", unit="req", file=self.stream, dynamic_ncols=True)
+            # the size from shutil (COLUMNS/LINES, else the terminal): tqdm's own probe of stderr can read
+            # a 0 x 0 terminal, and then it draws nothing
+            cols, rows = shutil.get_terminal_size((100, 20))
+            self._bar = tqdm(total=todo, desc="batch", unit="req", file=self.stream, ncols=max(cols, 40),
+                             nrows=max(rows, 5))
 
     def _follow(self, path: Path) -> list[dict]:
         key = str(path)
@@ -414,26 +426,25 @@ def _broadcast(ctx, obj):
     return box[0]
 
 
-def _first_error_everywhere(ctx, message: Optional[str]) -> Optional[str]:
-    """The first error any rank found (by rank order), known to every rank."""
+def _first_problem_everywhere(ctx, problem: Optional[tuple[str, str]]) -> Optional[tuple[str, str]]:
+    """The first problem any rank found (by rank order), known to every rank."""
     if not ctx.distributed:
-        return message
+        return problem
     import torch.distributed as dist
 
     gathered: list = [None] * ctx.world_size
-    dist.all_gather_object(gathered, message)
-    return next((m for m in gathered if m), None)
+    dist.all_gather_object(gathered, problem)
+    return next((p for p in gathered if p), None)
 
 
-def _validate_share(cfg, ctx, paths: BatchPaths, done: LineSet, tokenizer, sampling, limit) -> Optional[str]:
+def _validate_share(cfg, ctx, paths: BatchPaths, done: LineSet, tokenizer, sampling, limit) -> None:
     """strict=true: check this replica's share before any generation, so a bad line stops every rank
     at once with the same message instead of killing one pipeline mid-run."""
     for uid, line_no, line in iter_share(paths.input, ctx.dp_rank, ctx.dp_size, done):
         try:
             build_request(uid, line_no, line, tokenizer, cfg, sampling, limit, str(cfg.input))
         except PPRuntimeError as e:
-            return f"{e} (strict=true; drop strict=true to skip bad lines into {paths.errors})"
-    return None
+            raise InputError(f"{e} (strict=true; without it bad lines go to {paths.errors})") from None
 
 
 def run(cfg: DictConfig) -> int:
@@ -446,10 +457,14 @@ def run(cfg: DictConfig) -> int:
     strict = bool(cfg.get("strict", False))
 
     ctx, source, runner = setup_inference(cfg)
-    state = prepare_resume(paths) if ctx.rank == 0 else None
+    state, probe = None, None
     if ctx.rank == 0:
+        state = prepare_resume(paths)
         paths.output.parent.mkdir(parents=True, exist_ok=True)
-    shared = _broadcast(ctx, None if state is None else (bytes(state.done.bits), state.n_done, state.input_lines))
+        probe = paths.output.with_name(f".{paths.output.name}.probe-{os.getpid()}-{time.time_ns()}")
+        probe.touch()
+    shared = _broadcast(ctx, None if state is None else
+                        (bytes(state.done.bits), state.n_done, state.input_lines, str(probe)))
     done, n_done, n_input = LineSet(shared[0]), shared[1], shared[2]
     if ctx.rank == 0:
         msg = f"batch: {n_input} input lines, {n_done} already done"
@@ -457,15 +472,29 @@ def run(cfg: DictConfig) -> int:
             msg += f" (repaired {state.repaired_bytes} bytes of a cut-off write)"
         print(msg + f", {n_input - n_done} to run on {ctx.dp_size} replica(s) x {ctx.pp_size} stage(s)", flush=True)
 
-    tokenizer = load_tokenizer(source) if ctx.is_first else None
+    # Checks that can fail on some ranks only; the first failure is raised on every rank.
+    tokenizer, problem = None, None
     sampling = default_sampling(cfg)
     limit = token_limit(source.args, runner.cfg.cache_len)
+    try:
+        if ctx.is_first:
+            if not Path(shared[3]).exists():
+                raise ConfigError(
+                    f"rank {ctx.rank} cannot see {paths.output.parent} as rank 0 does; every replica writes its "
+                    "results beside output=, so on several nodes it must be on a shared filesystem"
+                )
+            tokenizer = load_tokenizer(source)
+            if strict:
+                _validate_share(cfg, ctx, paths, done, tokenizer, sampling, limit)
+    except PPRuntimeError as e:
+        problem = (type(e).__name__, str(e))
+    problem = _first_problem_everywhere(ctx, problem)
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    if problem is not None:
+        import pp_runtime.errors as errs
 
-    if strict:
-        mine = _validate_share(cfg, ctx, paths, done, tokenizer, sampling, limit) if ctx.is_first else None
-        first = _first_error_everywhere(ctx, mine)
-        if first:
-            raise InputError(first)
+        raise getattr(errs, problem[0], PPRuntimeError)(problem[1])
 
     progress = None
     if ctx.rank == 0:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING, Sequence
 
 from pp_runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> DictConfig:
+def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> "DictConfig":
     """Compose `conf/<job>.yaml` with overrides; any problem becomes a one-line ConfigError."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -32,6 +34,8 @@ def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -
 
 
 def _known_keys(job: str, conf_dir: Path) -> str:
+    from omegaconf import OmegaConf
+
     cfg = OmegaConf.load(conf_dir / f"{job}.yaml")
     return ", ".join(k for k in cfg.keys() if k != "defaults") + ", model.*"
 

@@ -33,6 +33,7 @@ class InferenceConfig:
     max_batch_tokens: int = 4096  # token budget per micro-batch (prefill chunks + decode tokens)
     chunk_size: int = 0  # longest prefill chunk; 0 = the sliding window
     cache_len: int = 0  # ring length per sequence; 0 = window (or the model's max_seq_len without one)
+    cuda_graphs: bool = True  # replay captured decode steps on GPU (dense models)
 
     def resolved(self, args: ModelArgs, n_stages: int) -> "InferenceConfig":
         mb = self.microbatches or n_stages
@@ -40,7 +41,7 @@ class InferenceConfig:
         if args.sliding_window is not None:
             capacity = min(capacity, args.sliding_window) if self.cache_len == 0 else capacity
         chunk = self.chunk_size or min(args.window, capacity)
-        cfg = InferenceConfig(mb, self.batch_size, self.max_batch_tokens, chunk, capacity)
+        cfg = InferenceConfig(mb, self.batch_size, self.max_batch_tokens, chunk, capacity, self.cuda_graphs)
         for name in ("microbatches", "batch_size", "max_batch_tokens", "chunk_size", "cache_len"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inference.{name}={getattr(cfg, name)} must be at least 1")
@@ -56,6 +57,7 @@ class RunStats:
     prefill_s: float = 0.0  # wall time attributed to micro-batches that carried prompt tokens
     decode_s: float = 0.0
     decode_tokens: int = 0
+    decode_steps: int = 0  # decode-only micro-batches
     busy_s: list[float] = field(default_factory=list)  # per stage: time spent computing
     loop_s: list[float] = field(default_factory=list)  # per stage: time in its serving loop
 
@@ -142,20 +144,30 @@ class StageRunner:
                  dtype: torch.dtype) -> None:
         self.args, self.module, self.cfg, self.device = args, module.eval(), cfg, device
         n_slots = cfg.microbatches * cfg.batch_size
-        self.cache = RollingKVCache(list(module.spec.layers), n_slots, cfg.cache_len, args.n_kv_heads,
-                                    args.head_dim, dtype, device)
+        use_graphs = cfg.cuda_graphs and device.type == "cuda" and not args.is_moe  # MoE routing syncs the host
+        self.cache = RollingKVCache(list(module.spec.layers), n_slots + int(use_graphs), cfg.cache_len,
+                                    args.n_kv_heads, args.head_dim, dtype, device)
         self.sampler = Sampler(device) if module.spec.has_head else None
         self.clock = _BusyClock(device)
+        self.graphs = None
+        if use_graphs:
+            from pp_runtime.decode_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.module, self.cache, n_slots, cfg.batch_size, cfg.cache_len, self._meta)
+
+    def _meta(self, chunks: list[SeqChunk], device, min_read_len: int = 0):
+        return build_inference_meta(
+            chunks, capacity=self.cfg.cache_len, window=self.args.sliding_window, head_dim=self.args.head_dim,
+            rope_theta=self.args.rope_theta, n_kv_groups=self.args.n_heads // self.args.n_kv_heads,
+            device=device, min_read_len=min_read_len,
+        )
 
     def forward(self, x: torch.Tensor, chunks: list) -> torch.Tensor:
-        meta = build_inference_meta(
-            [SeqChunk(c.slot, c.start, len(c.tokens) if isinstance(c, ChunkPlan) else c.n_tokens) for c in chunks],
-            capacity=self.cfg.cache_len, window=self.args.sliding_window, head_dim=self.args.head_dim,
-            rope_theta=self.args.rope_theta, n_kv_groups=self.args.n_heads // self.args.n_kv_heads,
-            device=self.device,
-        )
+        seqs = [SeqChunk(c.slot, c.start, len(c.tokens) if isinstance(c, ChunkPlan) else c.n_tokens) for c in chunks]
         with torch.inference_mode():
-            return self.module(x, meta, self.cache, logits="last")
+            if self.graphs is not None and all(c.n_tokens == 1 for c in seqs):
+                return self.graphs.run(x, seqs)
+            return self.module(x, self._meta(seqs, self.device), self.cache, logits="last")
 
     def sample(self, logits: torch.Tensor, chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.sampler is not None
@@ -192,6 +204,7 @@ def run_pipeline(
     """Run this rank's part of pipelined generation. Only the first stage passes `requests`;
     it returns the completions (in finishing order) and the run's statistics."""
     link = PeerLink(ctx.device, ctx.pp_group)
+    runner.clock = _BusyClock(ctx.device)
     t0 = time.perf_counter()
     stats = RunStats()
     try:
@@ -234,6 +247,7 @@ def _drive(ctx, runner: StageRunner, link: PeerLink, requests, eos_id, on_comple
         else:
             stats.decode_s += now - last_t
             stats.decode_tokens += len(mb.chunks)
+            stats.decode_steps += 1
         last_t = now
         for comp in sched.complete(mb, tokens, logprobs):
             stats.prompts += 1

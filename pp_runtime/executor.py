@@ -20,8 +20,10 @@ message that arrives early is kept until its action runs. Any schedule that pass
 cross-rank cycle runs without deadlock.
 
 Every action's (start, end) is recorded: start is when its input is available (waiting for a
-peer shows as a gap, like the bubble in the simulator's picture), end is when its compute is done
-(with CUDA, after a synchronize if `sync_timings`). The same data draws the timeline picture.
+peer shows as a gap, like the bubble in the simulator's picture), end is when its compute is done.
+On GPU these are CUDA events on the compute stream, read once at the end of the step (no
+synchronisation per action), mapped to host seconds from an event recorded when `run` starts
+(the trainer starts each step with an idle GPU). The same data draws the timeline picture.
 """
 
 from __future__ import annotations
@@ -76,11 +78,10 @@ class PipelineExecutor:
         peers: Sequence[int],
         link: Optional[PeerLink],
         device: torch.device,
-        sync_timings: bool = False,
     ) -> None:
         self.schedule, self.pp_rank, self.stages = schedule, pp_rank, dict(stages)
         self.peers, self.link, self.device = list(peers), link, device
-        self.sync_timings = sync_timings and device.type == "cuda"
+        self.cuda_timing = device.type == "cuda"
         self.n_stages = schedule.n_stages
         self.actions = schedule.actions[pp_rank]
         mine = set(schedule.stages_of(pp_rank))
@@ -138,10 +139,13 @@ class PipelineExecutor:
         self._out_grads: dict[tuple[int, int], Optional[torch.Tensor]] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         record = StepRecord(loss_sum=loss_sum)
+        events: list[tuple[Action, torch.cuda.Event, torch.cuda.Event]] = []
+        base_time, base = time.perf_counter(), self._mark()
         for action in self.actions:
             m, s = action.microbatch, action.stage
             if action.kind == FORWARD:
-                start = self._forward_input(m, s, microbatches[m])
+                self._forward_input(m, s, microbatches[m])
+                start = self._mark()
                 out = self._forward(m, s, microbatches[m])
                 if s == self.n_stages - 1:
                     loss, value = loss_fn(out, microbatches[m])
@@ -151,16 +155,23 @@ class PipelineExecutor:
                     self._outputs[(m, s)] = out
                     self._send(_ACT, m, s + 1, out.detach())
             elif action.kind == BACKWARD:
-                start = self._backward_input(m, s)
+                self._backward_input(m, s)
+                start = self._mark()
                 self._backward(m, s, weights=(m, s) not in self._split)
             else:
-                start = time.perf_counter()
+                start = self._mark()
                 self._weight_grad(m, s)
-            if self.sync_timings:
-                torch.cuda.synchronize(self.device)
-            record.timings.append((action, start, time.perf_counter()))
+            end = self._mark()
+            if self.cuda_timing:
+                events.append((action, start, end))
+            else:
+                record.timings.append((action, start, end))
         if self.link is not None:
             self.link.flush()
+        if events:
+            torch.cuda.synchronize(self.device)
+            record.timings = [(a, base_time + base.elapsed_time(st) / 1e3, base_time + base.elapsed_time(en) / 1e3)
+                              for a, st, en in events]
         leftover = [k for k in (*self._inputs, *self._outputs)]
         self._local.clear()
         self._inputs.clear()
@@ -169,23 +180,29 @@ class PipelineExecutor:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: micro-batch/stage {sorted(set(leftover))} never ran its backward")
         return record
 
-    def _forward_input(self, m: int, s: int, mb: MicroBatch) -> float:
+    def _mark(self):
+        """Now: host seconds on CPU, a recorded CUDA event on GPU."""
+        if not self.cuda_timing:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _forward_input(self, m: int, s: int, mb: MicroBatch) -> None:
         if s == 0:
             x = mb.tokens
         else:
             x = self._take(_ACT, m, s, s - 1).detach().requires_grad_(True)
         self._inputs[(m, s)] = x
-        return time.perf_counter()
 
     def _forward(self, m: int, s: int, mb: MicroBatch) -> torch.Tensor:
         return self.stages[s](self._inputs[(m, s)], mb.meta, logits="all")
 
-    def _backward_input(self, m: int, s: int) -> float:
+    def _backward_input(self, m: int, s: int) -> None:
         if s < self.n_stages - 1:
             self._out_grads[(m, s)] = self._take(_GRAD, m, s, s + 1)
         else:
             self._out_grads[(m, s)] = None
-        return time.perf_counter()
 
     def _backward(self, m: int, s: int, weights: bool) -> None:
         out, grad = self._outputs[(m, s)], self._out_grads[(m, s)]

@@ -8,6 +8,7 @@ non-zero exit instead of leaving the others waiting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,12 +105,17 @@ def train_config(cfg: DictConfig) -> TrainConfig:
 
 
 def load_tokenizer(cfg: DictConfig, source: ModelSource):
+    """The data's tokenizer. From scratch, the model's vocab_size becomes the tokenizer's (so the
+    export is inference-ready) unless model.args sets vocab_size explicitly."""
     from pp_runtime.tokenizer import Tokenizer
 
     where = resolve_path(cfg.data.get("tokenizer")) or source.path
     if where is None:
         raise ConfigError("a model trained from scratch needs a tokenizer: set data.tokenizer=DIR (a folder with tokenizer.model)")
     tok = Tokenizer.from_dir(where)
+    explicit = isinstance(cfg.model.get("args"), DictConfig) and cfg.model.args.get("vocab_size") is not None
+    if source.path is None and not explicit and tok.vocab_size != source.args.vocab_size:
+        source.args = dataclasses.replace(source.args, vocab_size=tok.vocab_size)
     if tok.vocab_size > source.args.vocab_size:
         raise ConfigError(
             f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size is {source.args.vocab_size}; "
@@ -171,6 +177,7 @@ def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dt
 def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     """Everything before the first step; raises user errors (checked identically on every rank)."""
     source = model_source(cfg.model)
+    tokenizer = load_tokenizer(cfg, source)
     args = source.args
     schedule = make_schedule(cfg, ctx.pp_size)
     tcfg = train_config(cfg)
@@ -178,7 +185,6 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     split = cfg.pipeline.get("split")
     plan = plan_for(args, ctx.pp_size, virtual_stages=schedule.virtual_stages,
                     split=list(split) if split is not None else None, training=True)
-    tokenizer = load_tokenizer(cfg, source)
     data_path = resolve_path(cfg.data.path)
     data = PackedDataset.from_jsonl(data_path, tokenizer, int(cfg.data.seq_len), shuffle=bool(cfg.data.shuffle),
                                     seed=int(cfg.data.seed))
@@ -272,7 +278,7 @@ def run(cfg: DictConfig) -> int:
         _draw_timeline(job, stats, resolve_path(cfg.timeline))
     if cfg.get("export"):
         if ctx.rank == 0:
-            dtype = resolve_dtype(cfg.export_dtype, ctx.device) if cfg.get("export_dtype") else None
+            dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)  # default: the model dtype
             out = tc.export_checkpoint(last_saved, resolve_path(cfg.export), tokenizer=job.tokenizer.path, dtype=dtype)
             print(f"exported to {out} (params.json, consolidated.safetensors, tokenizer.model)", flush=True)
         if ctx.distributed:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from omegaconf import DictConfig
 
 from pp_runtime.args import ModelArgs, preset
 from pp_runtime.config import resolve_path
@@ -16,6 +15,9 @@ from pp_runtime.errors import ConfigError
 from pp_runtime.model import StageModule
 from pp_runtime.parallel import ParallelContext
 from pp_runtime.partition import StagePlan, StageSpec, plan_for
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo" / "model"
 
@@ -40,7 +42,7 @@ class ModelSource:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, model_cfg: DictConfig) -> "ModelSource":
+    def from_config(cls, model_cfg: "DictConfig") -> "ModelSource":
         path = resolve_path(model_cfg.get("path"))
         if path is not None:
             from pp_runtime.checkpoint import load_model_args
@@ -81,7 +83,7 @@ def init_random_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
 
-def make_plan(args: ModelArgs, ctx: ParallelContext, pipeline_cfg: DictConfig, training: bool = False,
+def make_plan(args: ModelArgs, ctx: ParallelContext, pipeline_cfg: "DictConfig", training: bool = False,
               virtual_stages: int = 1) -> StagePlan:
     split = pipeline_cfg.get("split")
     return plan_for(args, ctx.pp_size, virtual_stages=virtual_stages,

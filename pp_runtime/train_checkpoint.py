@@ -18,7 +18,10 @@ Atomic: every rank writes into ``.tmp-step_XXXXXXXX/`` (each file under a tempor
 then renamed), all ranks meet at a barrier, rank 0 writes the manifest last and renames the folder
 to ``step_XXXXXXXX`` (one atomic rename). A kill at any moment leaves either the new complete
 checkpoint or none, so the previous one stays the latest; stale temporary folders are removed by
-the next save. Only folders with a manifest count as checkpoints.
+the next save. Only folders with a manifest count as checkpoints. Across nodes, the checkpoint
+folder must be on a filesystem every node sees (rank 0 creates and commits what the others write).
+
+Offline export: ``python -m pp_runtime.train_checkpoint export CHECKPOINT OUT [--dtype bfloat16]``.
 """
 
 from __future__ import annotations
@@ -291,7 +294,7 @@ def check_same_model(manifest: Mapping[str, Any], args: ModelArgs, path: str | P
     if diff:
         raise CheckpointError(
             f"checkpoint {path} was saved for a different model ({'; '.join(diff)}); resume it with the same "
-            "model config, or start without resume"
+            "model config, or start fresh (resume=null, or another checkpoint.dir)"
         )
 
 

@@ -94,7 +94,7 @@ def read_documents(path: str | Path, tokenizer) -> list[Document]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
             docs.append(parse_line(obj, where, tokenizer))
     if not docs:
         raise InputError(f"data file {path} is empty: it needs JSONL lines of {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}}")

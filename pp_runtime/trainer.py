@@ -158,8 +158,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.opt_params, cfg.weight_decay), lr=cfg.lr,
                                            betas=tuple(cfg.betas), eps=cfg.eps)
         link = PeerLink(ctx.device, ctx.pp_group) if ctx.pp_size > 1 else None
-        self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, link, ctx.device,
-                                         sync_timings=ctx.device.type == "cuda")
+        self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, link, ctx.device)
         self.flops_per_token = flops_per_token(args, data.seq_len)
 
     # ------------------------------------------------------------------------------ batches
@@ -194,7 +193,7 @@ class Trainer:
 
         def loss_fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
             ce = token_loss(logits, mb.targets)
-            return ce / max(int((mb.targets != IGNORE).sum()), 1) / self.schedule.n_microbatches, ce.detach()
+            return ce * scale, ce.detach()
 
         for _, p in self.named_params:
             p.grad = None
@@ -207,8 +206,7 @@ class Trainer:
         self.optimizer.step()
         if self.master:
             with torch.no_grad():
-                for (_, p), (_, mp) in zip(self.named_params, self.opt_params):
-                    p.copy_(mp)
+                torch._foreach_copy_([p for _, p in self.named_params], [mp for _, mp in self.opt_params])
         loss_sum = record.loss_sum.clone()
         if ctx.distributed:
             dist.all_reduce(loss_sum)  # only last-stage ranks contribute; the sum is over replicas
@@ -261,16 +259,12 @@ class Trainer:
     def _clip(self) -> float:
         """Global norm over all stages (and DP-consistent); clips in place when above grad_clip."""
         grads = [mp.grad for _, mp in self.opt_params]
-        sq = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        for g in grads:
-            sq += g.detach().to(torch.float64).pow(2).sum()
+        sq = torch.stack(torch._foreach_norm(grads)).to(torch.float64).pow(2).sum()
         if self.ctx.pp_size > 1:
             dist.all_reduce(sq, group=self.ctx.pp_group)
         norm = float(sq.sqrt())
         if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
-            coef = self.cfg.grad_clip / (norm + 1e-6)
-            for g in grads:
-                g.mul_(coef)
+            torch._foreach_mul_(grads, self.cfg.grad_clip / (norm + 1e-6))
         return norm
 
     def _log(self, stats: StepStats) -> None:

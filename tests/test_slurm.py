@@ -105,7 +105,8 @@ MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 KillWait=3
-MinJobAge=30
+MinJobAge=4
+# (sbatch --wait polls every 2 s only while 2 s < MinJobAge/2 fails; a larger MinJobAge makes it sleep up to 32 s)
 NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -169,6 +170,10 @@ class _PrivateCluster:
         if self.munged_pid is not None:
             try:
                 os.kill(self.munged_pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # it writes its seed file on the way out
+                    os.kill(self.munged_pid, 0)
+                    time.sleep(0.05)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -197,6 +202,7 @@ def _job_state(env: dict, job: str) -> str:
 
 
 def _submit(env: dict, workdir: Path, script: str, args: list[str], wait: bool, timeout: float = 120) -> str:
+    t0 = time.monotonic()
     cmd = ["sbatch", "--parsable", "--chdir", str(workdir), "--output", str(workdir / "slurm-%j.out"),
            *(["--wait"] if wait else []), str(REPO / "launch" / "slurm" / script), *args]
     r = _slurm(env, *cmd, timeout=timeout)
@@ -205,6 +211,7 @@ def _submit(env: dict, workdir: Path, script: str, args: list[str], wait: bool, 
         log = workdir / f"slurm-{job}.out"
         raise AssertionError(f"sbatch {script} failed ({r.returncode}): {r.stderr.strip()}\n"
                              + (log.read_text()[-3000:] if log.exists() else ""))
+    print(f"sbatch {script} -> job {job}{' (waited %.1fs)' % (time.monotonic() - t0) if wait else ''}")
     return job
 
 
@@ -229,17 +236,19 @@ def test_batch_infer_sbatch_runs_resumes_after_scancel(slurm_env, tiny_ckpt, tmp
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert "progress: " in log and "batch done" in log
 
-    # 2. a slow run (one token per step), cancelled once some lines are on disk
+    # 2. a slow run (one sequence at a time), cancelled once some lines are on disk
     second = tmp_path / "second.jsonl"
     job = _submit(env, tmp_path, "batch_infer.sbatch",
-                  common + [f"output={second}", "inference.batch_size=1", "inference.max_batch_tokens=1"], wait=False)
+                  common + [f"output={second}", "inference.batch_size=1", "inference.microbatches=1"], wait=False)
     part = tmp_path / "second.jsonl.part-0"
+    t_submit = time.monotonic()
     deadline = time.monotonic() + 60
     while not (part.exists() and part.read_bytes().count(b"\n") >= 5):
         state = _job_state(env, job)
         assert state in ACTIVE, f"job {job} ended ({state}) before it could be cancelled"
         assert time.monotonic() < deadline, "no results appeared within 60 s"
         time.sleep(0.1)
+    print(f"scancel {job} after {time.monotonic() - t_submit:.1f}s")
     _slurm(env, "scancel", job, check=True)
     while _job_state(env, job) in ACTIVE:
         time.sleep(0.2)
@@ -262,12 +271,12 @@ def test_finetune_sbatch_builds_the_multinode_command(slurm_env, tmp_path):
     """DRY_RUN prints the srun + torchrun line inside a real allocation: rendezvous on the first node,
     node count from SLURM, a fixed checkpoint folder appended unless given."""
     env = {**slurm_env, "GPUS_PER_NODE": "2", "DRY_RUN": "1"}
-    job = _submit(env, tmp_path, "finetune.sbatch", ["optim.lr=1e-4"], wait=True)
+    job = _submit(env, tmp_path, "finetune.sbatch", ["train.lr=1e-4"], wait=True)
     line = (tmp_path / f"slurm-{job}.out").read_text().strip().splitlines()[-1]
     assert line.startswith("srun ") and "--ntasks-per-node=1" in line
     assert "--nnodes=1 --nproc_per_node=2" in line and "--rdzv_backend=c10d" in line
     assert f"--rdzv_id={job}" in line and "--rdzv_endpoint=" in line
-    assert f"{REPO}/launch/finetune.py optim.lr=1e-4 checkpoint.dir={tmp_path}/checkpoints/pp-finetune" in line, line
+    assert f"{REPO}/launch/finetune.py train.lr=1e-4 checkpoint.dir={tmp_path}/checkpoints/pp-finetune" in line, line
     job = _submit({**env, "CHECKPOINT_DIR": "/ignored"}, tmp_path, "finetune.sbatch",
                   ["checkpoint.dir=/given"], wait=True)
     line = (tmp_path / f"slurm-{job}.out").read_text().strip().splitlines()[-1]

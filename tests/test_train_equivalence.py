@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import socket
 
 import pytest
@@ -152,7 +153,8 @@ def _worker(rank: int, world: int, port: int, cases: list) -> None:
 
 
 def _spawn(world: int, cases: list) -> None:
-    mp.spawn(_worker, args=(world, free_port(), cases), nprocs=world, join=True)
+    # fork: the children inherit the imported modules (a spawn costs seconds of imports per rank)
+    mp.start_processes(_worker, args=(world, free_port(), cases), nprocs=world, join=True, start_method="fork")
 
 
 @pytest.mark.timeout(240)
@@ -176,3 +178,65 @@ def test_two_ranks_match_single_process():
         ("interleaved", 2, 1, 2, MOE),
         ("1f1b-split", 2, 1, 1, DENSE),
     ])
+
+
+# --- the data the steps run on ----------------------------------------------------------------
+
+
+class _CharTokenizer:
+    """Stand-in tokenizer: one id per character (BOS 1, EOS 2)."""
+
+    bos_id, eos_id, vocab_size = 1, 2, 128
+    path = "chars"
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return ([1] if bos else []) + [3 + (ord(c) % 120) for c in text] + ([2] if eos else [])
+
+
+def test_loss_mask_and_packing(tmp_path):
+    import json
+
+    from pp_runtime.train_data import read_documents
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "ab", "completion": "cd"},  # BOS a b | c d EOS: targets c, d, EOS only
+        {"text": "xyz"},  # BOS x y z EOS: every next token
+        {"text": "0123456789"},  # 12 tokens: longer than a row of 8, cut into 8 + 4
+    ]) + "\n\n")
+    docs = read_documents(path, _CharTokenizer())
+    tok = _CharTokenizer().encode
+    assert docs[0].targets() == [IGNORE, IGNORE, tok("c", False)[0], tok("d", False)[0], 2, IGNORE]
+    assert docs[1].targets() == tok("xyz", False) + [2, IGNORE]
+    data = PackedDataset.from_documents(docs, 8, pad_id=0, shuffle=False)
+    assert data.doc_lens == [[6, 2], [5, 3], [8], [4, 4]]  # a doc that does not fit closes the row with padding
+    assert data.tokens[0, 6:].tolist() == [0, 0] and data.targets[0, 6:].tolist() == [IGNORE, IGNORE]
+    assert data.targets[0, :6].tolist() == docs[0].targets()
+    assert data.targets[2, 7].item() == tok("7", False)[0]  # a cut document still predicts across the cut
+
+
+def test_row_stream_is_deterministic_and_resumable():
+    a, b = dataset(DENSE), dataset(DENSE)
+    whole = a.batch(5, 30)  # crosses epoch boundaries (17 rows an epoch)
+    first, rest = b.batch(5, 12), b.batch(17, 18)
+    assert torch.equal(whole.tokens, torch.cat([first.tokens, rest.tokens]))
+    assert whole.doc_lens == first.doc_lens + rest.doc_lens
+    epoch0 = sorted(a.row_at(i) for i in range(len(a)))
+    assert epoch0 == list(range(len(a)))  # each epoch visits every row once
+    assert [a.row_at(i) for i in range(len(a))] != [a.row_at(len(a) + i) for i in range(len(a))]  # reshuffled
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[1, 2]", "line 2: expected a JSON object, got list"),
+    ('{"prompt": "x"}', 'line 2: expected {"text": ...} or {"prompt": ..., "completion": ...}, got keys: prompt'),
+    ('{"text": 3}', 'line 2: "text" must be a string'),
+    ('{"text": "a"', "line 2: not valid JSON"),
+])
+def test_bad_lines_name_their_line(tmp_path, line, message):
+    from pp_runtime.errors import InputError
+    from pp_runtime.train_data import read_documents
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_documents(path, _CharTokenizer())
