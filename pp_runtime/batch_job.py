@@ -120,7 +120,7 @@ class LineSet:
         return byte < len(self.bits) and bool(self.bits[byte] & (1 << (n & 7)))
 
     def __len__(self) -> int:
-        return sum(bin(b).count("1") for b in self.bits)
+        return sum(b.bit_count() for b in self.bits)
 
 
 def repair_jsonl(path: Path) -> int:
