@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 
 from pp_runtime.config import resolve_path
 from pp_runtime.errors import ConfigError, InputError, PPRuntimeError
-from pp_runtime.prompts import iter_lines, make_request, parse_prompt_line
+from pp_runtime.prompts import check_request, iter_lines, make_request, parse_prompt_line, token_limit
 from pp_runtime.scheduler import Completion, Request
 
 FSYNC_EVERY_S = 10.0
@@ -272,27 +272,6 @@ def _guess_id(line: str) -> Any:
     return rid if isinstance(rid, (str, int, float)) or rid is None else str(rid)
 
 
-def token_limit(args, capacity: int) -> int:
-    """Longest prompt + max_new_tokens the engine serves (the rule of engine._checked_requests)."""
-    return args.max_seq_len if args.sliding_window is not None and capacity >= args.sliding_window else capacity
-
-
-def check_request(req: Request, line_no: int, limit: int, source: str = "input") -> None:
-    """The engine's own checks, made here so that a bad line becomes an error record instead of
-    aborting the pipeline."""
-    where = f"{source} line {line_no}"
-    n = len(req.prompt_tokens)
-    if n == 0:
-        raise InputError(f"{where}: the prompt tokenises to nothing; give a non-empty prompt")
-    if req.max_new_tokens < 1:
-        raise InputError(f"{where}: max_new_tokens={req.max_new_tokens} must be at least 1")
-    if n + req.max_new_tokens > limit:
-        raise InputError(
-            f"{where}: prompt of {n} tokens + max_new_tokens {req.max_new_tokens} exceeds the "
-            f"model's limit of {limit} tokens; shorten the prompt or lower max_new_tokens"
-        )
-
-
 def build_request(uid: int, line_no: int, line: str, tokenizer, cfg: DictConfig, sampling, limit: int,
                   source: str) -> Request:
     rec = parse_prompt_line(line, line_no, source=source)
@@ -301,7 +280,7 @@ def build_request(uid: int, line_no: int, line: str, tokenizer, cfg: DictConfig,
     except PPRuntimeError as e:  # make_request's messages name the request id; add the line
         msg = str(e)
         raise InputError(msg if msg.startswith(f"{source} line") else f"{source} line {line_no}: {msg}") from None
-    check_request(req, line_no, limit, source)
+    check_request(req, limit, f"{source} line {line_no}")
     return req
 
 
@@ -527,7 +506,6 @@ def run(cfg: DictConfig) -> int:
         stats.requests += 1
         stats.prompt_tokens += rec["prompt_tokens"]
         stats.generated_tokens += rec["generated_tokens"]
-        _release(c)
         if progress is not None:
             progress.poll()
 
@@ -554,13 +532,6 @@ def run(cfg: DictConfig) -> int:
     if ctx.rank != 0:
         return 0
     return _finish(cfg, ctx, paths, progress, n_input, n_done, t_start)
-
-
-def _release(c: Completion) -> None:
-    """run_pipeline keeps every Completion it returns; once a result is on disk its bulk is dropped
-    so a long job's memory stays flat."""
-    c.tokens, c.logprobs = [], []
-    c.request.prompt, c.request.prompt_tokens = "", []
 
 
 def _finish(cfg, ctx, paths: BatchPaths, progress: Progress, n_input: int, n_done: int, t_start: float) -> int:

@@ -22,6 +22,7 @@ from pp_runtime.errors import ConfigError, PPRuntimeError
 from pp_runtime.kv_cache import RollingKVCache
 from pp_runtime.model import StageModule
 from pp_runtime.parallel import ParallelContext
+from pp_runtime.prompts import check_request, token_limit
 from pp_runtime.sampling import Sampler, SamplingParams
 from pp_runtime.scheduler import ChunkPlan, Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
 
@@ -176,21 +177,9 @@ class StageRunner:
 
 
 def _checked_requests(requests: Iterator[Request], args: ModelArgs, capacity: int) -> Iterator[Request]:
-    """Reject requests the model cannot serve before they take a slot."""
-    from pp_runtime.errors import InputError
-
+    limit = token_limit(args, capacity)
     for r in requests:
-        n = len(r.prompt_tokens)
-        if n == 0:
-            raise InputError(f"request {r.id!r}: the prompt tokenises to nothing; give a non-empty prompt")
-        if r.max_new_tokens < 1:
-            raise InputError(f"request {r.id!r}: max_new_tokens={r.max_new_tokens} must be at least 1")
-        limit = args.max_seq_len if args.sliding_window is not None and capacity >= args.sliding_window else capacity
-        if n + r.max_new_tokens > limit:
-            raise InputError(
-                f"request {r.id!r}: prompt of {n} tokens + max_new_tokens {r.max_new_tokens} exceeds the limit of "
-                f"{limit} tokens; shorten the prompt or lower max_new_tokens"
-            )
+        check_request(r, limit, f"request {r.id!r}")
         yield r
 
 
@@ -201,8 +190,10 @@ def run_pipeline(
     eos_id: Optional[int] = None,
     on_complete: Optional[Callable[[Completion], None]] = None,
 ) -> tuple[list[Completion], RunStats]:
-    """Run this rank's part of pipelined generation. Only the first stage passes `requests`;
-    it returns the completions (in finishing order) and the run's statistics."""
+    """Run this rank's part of pipelined generation. Only the first stage passes `requests`.
+
+    Completions go to `on_complete` as they finish; without it the first stage returns them
+    (in finishing order). Every rank returns the run's statistics."""
     link = PeerLink(ctx.device, ctx.pp_group)
     runner.clock = _BusyClock(ctx.device)
     t0 = time.perf_counter()
@@ -253,9 +244,10 @@ def _drive(ctx, runner: StageRunner, link: PeerLink, requests, eos_id, on_comple
             stats.prompts += 1
             stats.prompt_tokens += len(comp.request.prompt_tokens)
             stats.generated_tokens += len(comp.tokens)
-            completions.append(comp)
             if on_complete is not None:
-                on_complete(comp)
+                on_complete(comp)  # streamed: nothing accumulates, whatever the input size
+            else:
+                completions.append(comp)
 
     try:
         while True:

@@ -96,11 +96,16 @@ def run(cfg: DictConfig) -> int:
     tokenizer = load_tokenizer(source) if ctx.is_first else None
     requests = replica_requests(cfg, ctx, tokenizer) if ctx.is_first else None
     bar = _progress(cfg, ctx)
-    completions, stats = run_pipeline(ctx, runner, requests, tokenizer.eos_id if tokenizer else None,
-                                      on_complete=(lambda c: bar.update(1)) if bar is not None else None)
+    records: list[tuple[int, dict]] = []
+
+    def on_complete(c: Completion) -> None:
+        records.append((c.request.uid, completion_record(c, tokenizer)))
+        if bar is not None:
+            bar.update(1)
+
+    _, stats = run_pipeline(ctx, runner, requests, tokenizer.eos_id if tokenizer else None, on_complete)
     if bar is not None:
         bar.close()
-    records = [(c.request.uid, completion_record(c, tokenizer)) for c in completions]
     all_records, all_stats = _gather_to_rank0(ctx, records, stats)
     if ctx.rank == 0:
         all_records.sort(key=lambda r: r[0])

@@ -97,3 +97,23 @@ def make_request(uid: int, rec: PromptRecord, tokenizer, default_max_new: int, d
     return Request(uid=uid, id=rec.id, prompt=rec.prompt, prompt_tokens=tokens,
                    max_new_tokens=default_max_new if rec.max_new_tokens is None else rec.max_new_tokens,
                    sampling=sampling)
+
+
+def token_limit(args, capacity: int) -> int:
+    """Longest prompt + max_new_tokens a sequence may reach: the model's context when the ring covers
+    the sliding window (older tokens roll out), else the ring itself."""
+    return args.max_seq_len if args.sliding_window is not None and capacity >= args.sliding_window else capacity
+
+
+def check_request(req: Request, limit: int, where: str) -> None:
+    """Reject a request the engine cannot serve, before it takes a cache slot."""
+    n = len(req.prompt_tokens)
+    if n == 0:
+        raise InputError(f"{where}: the prompt tokenises to nothing; give a non-empty prompt")
+    if req.max_new_tokens < 1:
+        raise InputError(f"{where}: max_new_tokens={req.max_new_tokens} must be at least 1")
+    if n + req.max_new_tokens > limit:
+        raise InputError(
+            f"{where}: prompt of {n} tokens + max_new_tokens {req.max_new_tokens} exceeds the "
+            f"model's limit of {limit} tokens; shorten the prompt or lower max_new_tokens"
+        )

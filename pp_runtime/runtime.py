@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -71,16 +70,14 @@ class ModelSource:
         return self.path
 
 
-def init_random_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Seeded per parameter *name*: any stage split builds exactly the weights one process would."""
-    for name, p in module.named_parameters():
-        digest = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-        gen = torch.Generator().manual_seed(digest % (2**63 - 1))
-        with torch.no_grad():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+def init_random_(module: torch.nn.Module, seed: int) -> None:
+    """Seeded per parameter *name*: any stage split builds exactly the weights one process would,
+    and the same ones `python -m pp_runtime.random_checkpoint` writes."""
+    from pp_runtime.checkpoint import random_tensor
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(random_tensor(name, p.shape, seed, torch.float32))
 
 
 def make_plan(args: ModelArgs, ctx: ParallelContext, pipeline_cfg: "DictConfig", training: bool = False,

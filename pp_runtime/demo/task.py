@@ -1,4 +1,4 @@
-"""The demo model's task: adding two whole numbers of up to three digits, e.g. ``"482+57="`` -> ``"539"``.
+"""The demo model's task: adding two whole numbers of up to two digits, e.g. ``"48+75="`` -> ``"123"``.
 
 Answers are checkable by anyone (and by `check`). Questions are split once and for all into a
 training part and a held-out part by a fixed hash of the operand pair, so any seed of
@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-MAX_DIGITS = 3  # operands are 0 .. 999
+MAX_DIGITS = 2  # operands are 0 .. 99
 HELDOUT_PERCENT = 10  # share of operand pairs reserved for evaluation
 CHARS = "0123456789+="  # every character a prompt or an answer uses
 
-_PROMPT = re.compile(r"^\s*(\d{1,%d})\s*\+\s*(\d{1,%d})\s*=\s*$" % (MAX_DIGITS, MAX_DIGITS))
+_PROMPT = re.compile(r"^(\d+)\+(\d+)=$")
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,16 @@ def train_examples(n: int, seed: int = 0) -> list[Example]:
     return [next(it) for _ in range(n)]
 
 
+def heldout_size() -> int:
+    """How many distinct held-out questions exist."""
+    top = 10 ** MAX_DIGITS
+    return sum(is_heldout(a, b) for a in range(top) for b in range(top))
+
+
 def heldout_examples(n: int, seed: int = 0) -> list[Example]:
     """`n` distinct held-out questions: none of them can appear in any training set."""
+    if n > heldout_size():
+        raise ValueError(f"only {heldout_size()} distinct held-out questions exist, asked for {n}")
     it = _examples(random.Random(f"heldout:{seed}"), heldout=True)
     out: dict[tuple[int, int], Example] = {}
     while len(out) < n:

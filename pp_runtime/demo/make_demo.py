@@ -1,0 +1,288 @@
+"""Build the demo model that `launch/infer.py` loads by default, from nothing, in one command:
+
+    python -m pp_runtime.demo.make_demo [--out pp_runtime/demo/model] [--steps N] [--nproc 2]
+
+1. generate the task's training questions and held-out questions (`pp_runtime.demo.task`);
+2. train a character-level sentencepiece tokenizer on them (BOS=1, EOS=2 as Mistral's);
+3. write a from-scratch model config (Mistral `params.json`, vocabulary sized to the tokenizer);
+4. train it with `launch/finetune.py` under torchrun (`--nproc` pipeline stages, 1F1B on CPU)
+   and export an inference-ready folder;
+5. answer the held-out questions with pipelined `launch/infer.py` (`--eval-nproc` stages),
+   check every answer, and install the folder (+ EVAL.json) at `--out` only if the accuracy
+   reaches `--min-accuracy`.
+
+Nothing here is specific to the demo but the task: `evaluate` runs any model folder on any
+task questions and is what tests/test_demo_model.py uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pp_runtime.demo import task
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = Path(__file__).resolve().parent / "model"
+MODEL_FILES = ("params.json", "consolidated.safetensors", "tokenizer.model")
+
+# A 4-layer Mistral-shaped decoder (GQA, RoPE, sliding window), 0.79M parameters: 2 layers per stage.
+MODEL = {
+    "dim": 128,
+    "n_layers": 4,
+    "head_dim": 32,
+    "hidden_dim": 384,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "sliding_window": 64,
+    "max_seq_len": 1024,
+}
+
+# Training recipe (launch/finetune.py overrides); chosen to pass 90% on CPU in a few CPU-minutes.
+TRAIN = {
+    "train.steps": 1200,
+    "train.batch_size": 16,  # rows of seq_len tokens, ~5 questions per row
+    "data.seq_len": 64,
+    "train.lr": 5e-3,
+    "train.min_lr": 5e-4,
+    "train.warmup_steps": 20,
+    "train.weight_decay": 0.1,
+    "train.grad_clip": 1.0,
+    "schedule": "1f1b",
+    "schedule.microbatches": 4,
+}
+
+
+# ------------------------------------------------------------------------------------ pieces
+def train_tokenizer(out_dir: Path, seed: int = 0) -> Path:
+    """Character-level sentencepiece model over the task's characters: every digit, '+' and '='
+    is its own piece, no dummy-prefix space, so prompt and answer tokens line up as written."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(task.tokenizer_corpus(seed=seed)), model_writer=model,
+        vocab_size=len(task.CHARS) + 3, model_type="char", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        byte_fallback=False, character_coverage=1.0, add_dummy_prefix=False,
+        normalization_rule_name="identity", num_threads=1, minloglevel=2, hard_vocab_limit=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def launcher(nproc: int) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=N` (as a module of this interpreter), or plain python for 1."""
+    if nproc <= 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def child_env(nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_logged(cmd: list[str], env: dict[str, str], timeout: Optional[float] = None,
+               echo: bool = True) -> tuple[str, float, float]:
+    """Run `cmd`; return (output, wall seconds, CPU seconds of it and its children). Raises on failure."""
+    cpu0, t0 = _children_cpu_s(), time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                print("  " + line, end="", flush=True)
+        proc.wait(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
+    out = "".join(lines)
+    if proc.returncode != 0:
+        tail = "".join(lines[-30:])
+        raise RuntimeError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
+    return out, wall, cpu
+
+
+def evaluate(model_dir: str | Path, examples: Sequence[task.Example], nproc: int = 2, work: Optional[Path] = None,
+             timeout: float = 600.0, echo: bool = False) -> dict:
+    """Answer `examples` with pipelined `launch/infer.py` (greedy, `nproc` stages) and check them.
+
+    Returns {"questions", "correct", "accuracy", "wall_s", "cpu_s", "results": [{prompt, expected,
+    completion, ok}]}.
+    """
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="demo_eval_")) if own else Path(work)
+    try:
+        prompts = write_jsonl(work / "questions.jsonl", [{"id": i, "prompt": e.prompt} for i, e in enumerate(examples)])
+        answers = work / "answers.jsonl"
+        max_new = len(str(2 * (10 ** task.MAX_DIGITS - 1))) + 2  # the longest answer, EOS, one to spare
+        cmd = launcher(nproc) + [str(REPO / "launch" / "infer.py"), f"model.path={Path(model_dir).resolve()}",
+                                 f"input={prompts}", f"output={answers}", f"max_new_tokens={max_new}",
+                                 "device=cpu", "progress=false"]
+        _, wall, cpu = run_logged(cmd, child_env(nproc), timeout=timeout, echo=echo)
+        got = {}
+        with open(answers, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                got[int(r["id"])] = r
+        results = []
+        for i, e in enumerate(examples):
+            r = got.get(i, {})
+            completion = r.get("completion")
+            ok = task.check(e.prompt, completion) and r.get("finish_reason") == "stop"
+            results.append({"prompt": e.prompt, "expected": e.answer, "completion": completion,
+                            "finish_reason": r.get("finish_reason"), "ok": bool(ok)})
+        correct = sum(r["ok"] for r in results)
+        return {"questions": len(examples), "correct": correct, "accuracy": correct / max(1, len(examples)),
+                "stages": nproc, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "results": results}
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _final_metrics(metrics_path: Path) -> dict:
+    last: dict = {}
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            if line.strip():
+                last = json.loads(line)
+    return last
+
+
+# ------------------------------------------------------------------------------------ main
+def build(out: Path, work: Path, steps: int, nproc: int, eval_nproc: int, n_eval: int, n_train: int, seed: int,
+          min_accuracy: float, force: bool) -> int:
+    print(f"work folder: {work}", flush=True)
+    data_dir = work / "data"
+    train = task.train_examples(n_train, seed=seed)
+    train_file = write_jsonl(data_dir / "train.jsonl", [e.to_train_json() for e in train])
+    heldout = task.heldout_examples(n_eval, seed=seed)
+    tok_path = train_tokenizer(work / "tokenizer", seed=seed)
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=str(tok_path)).vocab_size()
+    params = dict(MODEL, vocab_size=vocab)
+    params_file = work / "params.json"
+    params_file.write_text(json.dumps(params, indent=2) + "\n")
+    print(f"task: {task.__doc__.splitlines()[0]}\n"
+          f"data: {len(train)} training questions, {len(heldout)} held-out; tokenizer: {vocab} pieces", flush=True)
+
+    export = work / "export"
+    overrides = dict(TRAIN)
+    overrides["train.steps"] = steps
+    cmd = launcher(nproc) + [
+        str(REPO / "launch" / "finetune.py"),
+        f"data.path={train_file}", f"data.tokenizer={tok_path}", f"data.seed={seed}",
+        f"model.params={params_file}", f"model.seed={seed}", "model.dtype=float32", "device=cpu",
+        f"out_dir={work / 'run'}", f"export={export}", "export_dtype=float32", "metrics.log_every=100",
+    ] + [f"{k}={v}" for k, v in overrides.items()]
+    print(f"training ({nproc} pipeline stage(s)):\n  {' '.join(cmd)}", flush=True)
+    _, train_wall, train_cpu = run_logged(cmd, child_env(nproc))
+    final = _final_metrics(work / "run" / "metrics.jsonl")
+    print(f"trained in {train_wall:.1f} s wall, {train_cpu:.1f} s CPU (all processes); "
+          f"final loss {final.get('loss', float('nan')):.4f}", flush=True)
+
+    print(f"evaluating {len(heldout)} held-out questions with pipelined inference ({eval_nproc} stages) ...", flush=True)
+    ev = evaluate(export, heldout, nproc=eval_nproc, work=work / "eval")
+    print(f"held-out accuracy: {ev['correct']}/{ev['questions']} = {100 * ev['accuracy']:.1f}% "
+          f"({ev['wall_s']:.1f} s)", flush=True)
+    for r in ev["results"][:8]:
+        print(f"  {r['prompt']}{r['completion']!s:6} {'ok' if r['ok'] else 'WRONG, expected ' + r['expected']}")
+
+    size = sum((export / f).stat().st_size for f in MODEL_FILES)
+    n_params = _count_params(export)
+    report = {
+        "task": task.__doc__.splitlines()[0],
+        "heldout": {k: ev[k] for k in ("questions", "correct", "accuracy", "stages")},
+        "failures": [r for r in ev["results"] if not r["ok"]][:20],
+        "model": {"params": params, "parameters": n_params, "bytes": size, "dtype": "float32"},
+        "training": {
+            "command": "python -m pp_runtime.demo.make_demo" + (f" --steps {steps}" if steps != TRAIN["train.steps"] else ""),
+            "processes": nproc, "steps": steps, "train_questions": len(train), "seed": seed,
+            "overrides": {k: v for k, v in overrides.items()},
+            "final_loss": final.get("loss"), "wall_s": round(train_wall, 1), "cpu_s": round(train_cpu, 1),
+        },
+    }
+    if ev["accuracy"] < min_accuracy and not force:
+        print(f"accuracy {100 * ev['accuracy']:.1f}% is below {100 * min_accuracy:.0f}%: {out} left unchanged "
+              f"(the model is in {export}; --force installs it anyway)", file=sys.stderr, flush=True)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    for f in MODEL_FILES:
+        shutil.copyfile(export / f, out / f)
+    (out / "EVAL.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"installed {out} ({size / 1e6:.2f} MB, {n_params / 1e6:.2f}M parameters) with EVAL.json", flush=True)
+    return 0
+
+
+def _count_params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "consolidated.safetensors"), framework="pt") as f:
+        total = 0
+        for k in f.keys():
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pp_runtime.demo.make_demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the model goes (default: %(default)s)")
+    p.add_argument("--work", type=Path, default=None, help="keep data, checkpoints and logs here (default: a temporary folder, removed)")
+    p.add_argument("--steps", type=int, default=TRAIN["train.steps"], help="optimizer steps (default: %(default)s)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes = pipeline stages (default: %(default)s)")
+    p.add_argument("--eval-nproc", type=int, default=2, help="pipeline stages for the evaluation (default: %(default)s)")
+    p.add_argument("--eval", type=int, default=500, help="held-out questions to check (default: %(default)s)")
+    p.add_argument("--train-examples", type=int, default=40000, help="training questions generated (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-accuracy", type=float, default=0.9, help="install only at or above this (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="install even below --min-accuracy")
+    a = p.parse_args(argv)
+    if a.work is not None:
+        a.work.mkdir(parents=True, exist_ok=True)
+        return build(a.out.resolve(), a.work.resolve(), a.steps, a.nproc, a.eval_nproc, a.eval, a.train_examples,
+                     a.seed, a.min_accuracy, a.force)
+    with tempfile.TemporaryDirectory(prefix="demo_build_") as work:
+        return build(a.out.resolve(), Path(work), a.steps, a.nproc, a.eval_nproc, a.eval, a.train_examples,
+                     a.seed, a.min_accuracy, a.force)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
