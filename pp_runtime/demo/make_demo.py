@@ -55,8 +55,8 @@ TRAIN = {
     "train.steps": 1200,
     "train.batch_size": 16,  # rows of seq_len tokens, ~5 questions per row
     "data.seq_len": 64,
-    "train.lr": 5e-3,
-    "train.min_lr": 5e-4,
+    "train.lr": 2e-3,
+    "train.min_lr": 2e-4,
     "train.warmup_steps": 20,
     "train.weight_decay": 0.1,
     "train.grad_clip": 1.0,
