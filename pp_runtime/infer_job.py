@@ -13,10 +13,10 @@ from omegaconf import DictConfig
 
 from pp_runtime.config import resolve_path
 from pp_runtime.engine import InferenceConfig, RunStats, StageRunner, run_pipeline
-from pp_runtime.errors import ConfigError
+from pp_runtime.errors import CheckpointError, ConfigError, InputError
 from pp_runtime.parallel import ParallelContext, init_parallel
 from pp_runtime.prompts import PromptRecord, iter_lines, make_request, parse_prompt_line
-from pp_runtime.runtime import ModelSource, make_plan, resolve_dtype
+from pp_runtime.runtime import DEMO_DIR, ModelSource, make_plan, resolve_dtype
 from pp_runtime.sampling import SamplingParams
 from pp_runtime.scheduler import Completion, Request
 
@@ -41,8 +41,6 @@ def load_tokenizer(source: ModelSource):
         raise ConfigError("a random `preset` model has no tokenizer; give model.path=DIR with a tokenizer.model")
     tok = Tokenizer.from_dir(source.path)
     if tok.vocab_size != source.args.vocab_size:
-        from pp_runtime.errors import CheckpointError
-
         raise CheckpointError(
             f"{tok.path} has {tok.vocab_size} pieces but the model's vocab_size is {source.args.vocab_size}; "
             "use the tokenizer that belongs to these weights"
@@ -55,25 +53,31 @@ def default_sampling(cfg: DictConfig) -> SamplingParams:
     return SamplingParams(float(s.temperature), float(s.top_p), int(s.top_k), int(s.seed))
 
 
-def prompt_records(cfg: DictConfig) -> Iterator[PromptRecord]:
-    if (cfg.prompt is None) == (cfg.input is None):
-        raise ConfigError('give exactly one of prompt="..." or input=FILE.jsonl')
+def prompt_records(cfg: DictConfig, source: ModelSource) -> Iterator[PromptRecord]:
+    """The command-line prompt, or the input file's lines; the embedded demo answers its own examples."""
+    if cfg.prompt is not None and cfg.input is not None:
+        raise ConfigError('give one of prompt="..." or input=FILE.jsonl, not both')
     if cfg.prompt is not None:
         if not str(cfg.prompt).strip():
-            from pp_runtime.errors import InputError
-
             raise InputError("the prompt is empty; give a non-empty prompt=")
         yield PromptRecord(line_no=0, id=0, prompt=str(cfg.prompt))
         return
-    path = resolve_path(cfg.input)
+    if cfg.input is not None:
+        path, name = resolve_path(cfg.input), str(cfg.input)
+    elif source.path == DEMO_DIR:
+        from pp_runtime.demo import PROMPTS
+
+        path, name = PROMPTS, "demo prompts"
+    else:
+        raise ConfigError('give prompt="..." or input=FILE.jsonl')
     for no, line in iter_lines(path):
-        yield parse_prompt_line(line, no, source=str(cfg.input))
+        yield parse_prompt_line(line, no, source=name)
 
 
-def replica_requests(cfg: DictConfig, ctx: ParallelContext, tokenizer) -> Iterator[Request]:
+def replica_requests(cfg: DictConfig, ctx: ParallelContext, source: ModelSource, tokenizer) -> Iterator[Request]:
     """This replica's share of the requests (every dp_size-th, by input order)."""
     sampling = default_sampling(cfg)
-    for uid, rec in enumerate(prompt_records(cfg)):
+    for uid, rec in enumerate(prompt_records(cfg, source)):
         if uid % ctx.dp_size == ctx.dp_rank:
             yield make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
 
@@ -94,7 +98,7 @@ def completion_record(c: Completion, tokenizer) -> dict:
 def run(cfg: DictConfig) -> int:
     ctx, source, runner = setup_inference(cfg)
     tokenizer = load_tokenizer(source) if ctx.is_first else None
-    requests = replica_requests(cfg, ctx, tokenizer) if ctx.is_first else None
+    requests = replica_requests(cfg, ctx, source, tokenizer) if ctx.is_first else None
     bar = _progress(cfg, ctx)
     records: list[tuple[int, dict]] = []
 

@@ -15,10 +15,6 @@ from pp_runtime.args import ModelArgs
 from pp_runtime.demo import MODEL_DIR, PROMPTS, task
 from pp_runtime.demo.make_demo import MODEL_FILES, evaluate
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "consolidated.safetensors").is_file(),
-                                reason="no demo model; build it with python -m pp_runtime.demo.make_demo")
-
-
 def test_demo_folder_is_small_and_consistent():
     import sentencepiece
 

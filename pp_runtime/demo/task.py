@@ -1,5 +1,6 @@
-"""The demo model's task: adding two whole numbers of up to two digits, e.g. ``"48+75="`` -> ``"123"``.
+"""The demo model's task: adding two whole numbers from 0 to 99, e.g. ``"48+75="`` -> ``"123"``.
 
+Both operands are drawn uniformly, so most questions have two two-digit numbers and many carry.
 Answers are checkable by anyone (and by `check`). Questions are split once and for all into a
 training part and a held-out part by a fixed hash of the operand pair, so any seed of
 `train_examples` never produces a held-out question and `heldout_examples` never produces a
@@ -19,6 +20,7 @@ from typing import Iterator, Optional
 MAX_DIGITS = 2  # operands are 0 .. 99
 HELDOUT_PERCENT = 10  # share of operand pairs reserved for evaluation
 CHARS = "0123456789+="  # every character a prompt or an answer uses
+DESCRIPTION = 'addition of two whole numbers from 0 to 99: "48+75=" -> "123"'
 
 _PROMPT = re.compile(r"^(\d+)\+(\d+)=$")
 
@@ -50,9 +52,8 @@ def is_heldout(a: int, b: int) -> bool:
 
 
 def _operand(rng: random.Random) -> int:
-    """A number whose digit count is uniform over 1..MAX_DIGITS (so short numbers are not rare)."""
-    n = rng.randint(1, MAX_DIGITS)
-    return rng.randint(0 if n == 1 else 10 ** (n - 1), 10 ** n - 1)
+    """Uniform over 0 .. 10**MAX_DIGITS - 1."""
+    return rng.randint(0, 10 ** MAX_DIGITS - 1)
 
 
 def _examples(rng: random.Random, heldout: bool) -> Iterator[Example]:
