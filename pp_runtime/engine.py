@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -107,19 +107,10 @@ class _BusyClock:
         return self.host
 
 
-_SEQ_COLS = 9  # uid, slot, start, n_tokens, sample, seed, temperature, top_p, top_k (floats bit-cast)
-
-
-def _encode_chunks(chunks: tuple[ChunkPlan, ...]) -> torch.Tensor:
-    ints = torch.tensor([[c.uid, c.slot, c.start, len(c.tokens), int(c.sample), c.sampling.seed] for c in chunks],
-                        dtype=torch.int64)
-    floats = torch.tensor([[c.sampling.temperature, c.sampling.top_p, float(c.sampling.top_k)] for c in chunks],
-                          dtype=torch.float64).view(torch.int64)
-    return torch.cat([ints, floats], dim=1)
-
-
 @dataclass(frozen=True)
-class _WireChunk:
+class StepChunk:
+    """What every stage knows of one sequence in a micro-batch: the header row that travels with it."""
+
     uid: int
     slot: int
     start: int
@@ -127,13 +118,26 @@ class _WireChunk:
     sample: bool
     sampling: SamplingParams
 
+    @classmethod
+    def of(cls, c: ChunkPlan) -> "StepChunk":
+        return cls(c.uid, c.slot, c.start, len(c.tokens), c.sample, c.sampling)
 
-def _decode_chunks(table: torch.Tensor) -> list[_WireChunk]:
+
+def _encode_chunks(chunks: list[StepChunk]) -> torch.Tensor:
+    """int64 [n, 9]: uid, slot, start, n_tokens, sample, seed, then temperature, top_p, top_k as float64 bits."""
+    ints = torch.tensor([[c.uid, c.slot, c.start, c.n_tokens, int(c.sample), c.sampling.seed] for c in chunks],
+                        dtype=torch.int64)
+    floats = torch.tensor([[c.sampling.temperature, c.sampling.top_p, float(c.sampling.top_k)] for c in chunks],
+                          dtype=torch.float64).view(torch.int64)
+    return torch.cat([ints, floats], dim=1)
+
+
+def _decode_chunks(table: torch.Tensor) -> list[StepChunk]:
     table = table.cpu()
     ints = table[:, :6].tolist()
     floats = table[:, 6:].contiguous().view(torch.float64).tolist()
     return [
-        _WireChunk(u, s, st, n, bool(sm), SamplingParams(temperature=t, top_p=p, top_k=int(k), seed=sd))
+        StepChunk(u, s, st, n, bool(sm), SamplingParams(temperature=t, top_p=p, top_k=int(k), seed=sd))
         for (u, s, st, n, sm, sd), (t, p, k) in zip(ints, floats)
     ]
 
@@ -163,16 +167,16 @@ class StageRunner:
             device=device, min_read_len=min_read_len,
         )
 
-    def forward(self, x: torch.Tensor, chunks: list) -> torch.Tensor:
-        seqs = [SeqChunk(c.slot, c.start, len(c.tokens) if isinstance(c, ChunkPlan) else c.n_tokens) for c in chunks]
+    def forward(self, x: torch.Tensor, chunks: Sequence[StepChunk | SeqChunk]) -> torch.Tensor:
+        seqs = [SeqChunk(c.slot, c.start, c.n_tokens) for c in chunks]
         with torch.inference_mode():
             if self.graphs is not None and all(c.n_tokens == 1 for c in seqs):
                 return self.graphs.run(x, seqs)
             return self.module(x, self._meta(seqs, self.device), self.cache, logits="last")
 
-    def sample(self, logits: torch.Tensor, chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, logits: torch.Tensor, chunks: Sequence[StepChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.sampler is not None
-        positions = [c.start + (len(c.tokens) if isinstance(c, ChunkPlan) else c.n_tokens) for c in chunks]
+        positions = [c.start + c.n_tokens for c in chunks]  # the position the sampled token will take
         return self.sampler.sample(logits, [c.uid for c in chunks], positions, [c.sampling for c in chunks])
 
 
@@ -256,15 +260,16 @@ def _drive(ctx, runner: StageRunner, link: PeerLink, requests, eos_id, on_comple
                 if mb is None:
                     break
                 tokens = torch.tensor([t for c in mb.chunks for t in c.tokens], dtype=torch.long).to(ctx.device)
+                chunks = [StepChunk.of(c) for c in mb.chunks]
                 tok = runner.clock.start()
-                out = runner.forward(tokens, list(mb.chunks))
+                out = runner.forward(tokens, chunks)
                 if ctx.pp_size == 1:
-                    ids, lps = runner.sample(out, list(mb.chunks))
+                    ids, lps = runner.sample(out, chunks)
                     runner.clock.stop(tok)
                     finish(mb, ids.tolist(), lps.tolist())
                     continue
                 runner.clock.stop(tok)
-                link.send(ctx.next, KIND_DATA, [_encode_chunks(mb.chunks).to(ctx.device), out])
+                link.send(ctx.next, KIND_DATA, [_encode_chunks(chunks).to(ctx.device), out])
                 inflight.append(mb)
             if not inflight:
                 if sched.done:
