@@ -41,16 +41,20 @@ def test_jsonl_in_jsonl_out_in_input_order_with_relative_paths(tiny_ckpt, tmp_pa
     assert "busy:" in r.stdout and "prefill" in r.stdout
 
 
-def test_two_stages_write_the_same_file_as_one(tiny_ckpt, tmp_path):
+def test_two_stages_and_two_replicas_write_the_same_file_as_one(tiny_ckpt, tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "the cat sat on a mat " * i}) + "\n"
                                                for i in range(1, 6)))
     base = [f"model.path={tiny_ckpt}", "input=in.jsonl", "max_new_tokens=6", "model.dtype=float64"]
     one = _run(base + ["output=one.jsonl"], cwd=tmp_path)
     two = _run(base + ["output=two.jsonl", "inference.microbatches=3"], cwd=tmp_path, ranks=2)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    replicas = _run(base + ["output=dp.jsonl", "pipeline.stages=1", "pipeline.data_parallel=2"], cwd=tmp_path, ranks=2)
+    for r in (one, two, replicas):
+        assert r.returncode == 0, r.stderr
     a = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
-    assert [x["tokens"] for x in a] == [x["tokens"] for x in b]
+    for other in ("two.jsonl", "dp.jsonl"):  # 2 stages; 2 replicas whose results are gathered in input order
+        b = [json.loads(x) for x in (tmp_path / other).read_text().splitlines()]
+        assert [(x["id"], x["tokens"]) for x in a] == [(x["id"], x["tokens"]) for x in b]
+    assert "5 prompts" in replicas.stdout  # the summary adds up both replicas
 
 
 def _bad_params(tiny_ckpt, tmp_path):
