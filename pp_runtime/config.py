@@ -34,10 +34,12 @@ def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -
 
 
 def _known_keys(job: str, conf_dir: Path) -> str:
+    """Top-level keys of the job plus its config groups (model.*, inference.*, ...)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(conf_dir / f"{job}.yaml")
-    return ", ".join(k for k in cfg.keys() if k != "defaults") + ", model.*"
+    groups = [next(iter(d)) + ".*" for d in cfg.get("defaults", []) if isinstance(d, dict) or hasattr(d, "keys")]
+    return ", ".join([k for k in cfg.keys() if k != "defaults"] + groups)
 
 
 def resolve_path(p: str | None) -> Path | None:
