@@ -119,11 +119,15 @@ def run(cfg: DictConfig) -> int:
 
 
 def _progress(cfg: DictConfig, ctx: ParallelContext):
+    """Rank 0 counts its replica's finished prompts: a bar on a terminal, a line every 30 s in logs."""
     if ctx.rank != 0 or not cfg.progress or cfg.input is None:
         return None
     from tqdm import tqdm
 
-    return tqdm(desc="prompts", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
+    if sys.stderr.isatty():
+        return tqdm(desc="prompts", unit="prompt", file=sys.stderr)
+    return tqdm(desc="prompts", unit="prompt", file=sys.stderr, mininterval=30, ascii=True,
+                bar_format="{desc}: {n} done | {rate_fmt} | elapsed {elapsed}\n")
 
 
 def _gather_to_rank0(ctx: ParallelContext, records: list, stats: RunStats) -> tuple[list, RunStats]:
