@@ -38,7 +38,7 @@ def _known_keys(job: str, conf_dir: Path) -> str:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(conf_dir / f"{job}.yaml")
-    groups = [next(iter(d)) + ".*" for d in cfg.get("defaults", []) if isinstance(d, dict) or hasattr(d, "keys")]
+    groups = [next(iter(d)) + ".*" for d in cfg.get("defaults", []) if not isinstance(d, str)]  # "_self_" is a str
     return ", ".join([k for k in cfg.keys() if k != "defaults"] + groups)
 
 

@@ -16,6 +16,9 @@ import torch
 from pp_runtime.attention_meta import AttentionMeta, SeqChunk
 
 
+_META_FIELDS = [f.name for f in fields(AttentionMeta)]
+
+
 def _bucket(n: int, floor: int, cap: int) -> int:
     b = floor
     while b < n:
@@ -43,10 +46,10 @@ class DecodeGraphs:
             self.graphs[key] = self._capture(x, n, batch, meta)
         graph, static_x, static_meta, static_out = self.graphs[key]
         static_x[:n].copy_(x)
-        for f in fields(AttentionMeta):
-            src = getattr(meta, f.name)
+        for name in _META_FIELDS:
+            src = getattr(meta, name)
             if isinstance(src, torch.Tensor):
-                getattr(static_meta, f.name).copy_(src, non_blocking=True)
+                getattr(static_meta, name).copy_(src, non_blocking=True)
         graph.replay()
         return static_out[:n]
 
@@ -54,8 +57,8 @@ class DecodeGraphs:
         dev = x.device
         static_x = torch.zeros((batch, *x.shape[1:]), dtype=x.dtype, device=dev)
         static_x[:n].copy_(x)
-        static_meta = AttentionMeta(**{f.name: (getattr(meta, f.name).to(dev) if isinstance(getattr(meta, f.name), torch.Tensor)
-                                                else getattr(meta, f.name)) for f in fields(AttentionMeta)})
+        values = {name: getattr(meta, name) for name in _META_FIELDS}
+        static_meta = AttentionMeta(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: rewrites the same K/V the step writes anyway

@@ -172,7 +172,7 @@ class PipelineExecutor:
             torch.cuda.synchronize(self.device)
             record.timings = [(a, base_time + base.elapsed_time(st) / 1e3, base_time + base.elapsed_time(en) / 1e3)
                               for a, st, en in events]
-        leftover = [k for k in (*self._inputs, *self._outputs)]
+        leftover = [*self._inputs, *self._outputs]
         self._local.clear()
         self._inputs.clear()
         self._outputs.clear()

@@ -65,10 +65,6 @@ class ModelSource:
         init_random_(module, self.seed)
         return module.to(dtype)
 
-    @property
-    def tokenizer_dir(self) -> Optional[Path]:
-        return self.path
-
 
 def init_random_(module: torch.nn.Module, seed: int) -> None:
     """Seeded per parameter *name*: any stage split builds exactly the weights one process would,
