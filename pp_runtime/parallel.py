@@ -104,5 +104,10 @@ def init_parallel(stages: Optional[int] = None, data_parallel: int = 1, device: 
 
 
 def shutdown() -> None:
+    """Tear down the process groups once every rank got here.
+
+    The barrier matters: a gloo rank that destroys its group while a peer is still finishing its
+    last collective can abort the process ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

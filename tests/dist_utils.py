@@ -19,14 +19,14 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        result = fn(rank, world, *args)
     except BaseException:  # noqa: BLE001 - report to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
+        return  # no teardown: a peer may be gone, and the parent kills what is left
+    from pp_runtime.parallel import shutdown
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    shutdown()
+    queue.put((rank, "ok", result))
 
 
 def run_ranks(world: int, fn, *args, timeout: float = 240.0) -> list:

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from pp_runtime.args import ModelArgs, MoeArgs
 from pp_runtime.attention_meta import build_training_meta
 from pp_runtime.checkpoint import full_spec
+from pp_runtime.parallel import shutdown
 from pp_runtime.partition import plan_for
 from pp_runtime.runtime import ModelSource
 from pp_runtime.schedules import Action, Schedule, build_schedule, schedule_1f1b
@@ -142,14 +143,9 @@ def _worker(rank: int, world: int, port: int, cases: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    try:
-        for case in cases:
-            run_case(*case)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for case in cases:
+        run_case(*case)
+    shutdown()
 
 
 def _spawn(world: int, cases: list) -> None:

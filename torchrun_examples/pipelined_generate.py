@@ -7,12 +7,11 @@ import random
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
-from pp_runtime.parallel import init_parallel  # noqa: E402
+from pp_runtime.parallel import init_parallel, shutdown  # noqa: E402
 from pp_runtime.partition import plan_for  # noqa: E402
 from pp_runtime.runtime import ModelSource, resolve_dtype  # noqa: E402
 from pp_runtime.args import preset  # noqa: E402
@@ -43,5 +42,4 @@ if ctx.rank == 0:
     for c in sorted(completions, key=lambda c: c.request.uid):
         print(c.request.id, len(c.request.prompt_tokens), "prompt tokens ->", c.tokens)
     print(stats.summary())
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+shutdown()
