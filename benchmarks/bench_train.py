@@ -10,7 +10,9 @@ same synthetic batch: `--microbatches` rows of `--seq` random tokens per optimiz
 micro-batch, each row one document, so attention takes SDPA's plain causal (flash) path on both
 sides. Configurations, run one after another in the same processes:
 
-- ``ours-1f1b`` / ``ours-gpipe``: `pp_runtime.trainer.Trainer` with our 1F1B / GPipe schedule;
+- ``ours-1f1b`` / ``ours-gpipe`` / ``ours-zb-h1``: `pp_runtime.trainer.Trainer` with our 1F1B,
+  GPipe or ZB-H1 zero-bubble schedule (compared with torch's 1F1B: torch has no one-stage-per-rank
+  zero-bubble schedule);
 - ``torch-1f1b`` / ``torch-gpipe``: `torch.distributed.pipelining.PipelineStage` around the same
   StageModule (a wrapper supplies the fixed causal AttentionMeta) with `Schedule1F1B` /
   `ScheduleGPipe`. The loss is the same token-summed cross-entropy divided by the valid tokens of the
@@ -24,7 +26,8 @@ tokens/s (all tokens of a step over the wall time of the timed steps, slowest ra
 `torch.cuda.max_memory_allocated` on each GPU, and for our runtime the bubble measured from the
 executor's recorded action times: per rank, 1 - (time inside its forward/backward actions) / (time
 from the first action's start to the last action's end over all ranks), averaged over the timed
-steps, next to the formula (p-1)/(m+p-1). `idle_of_step` is the same busy time against the whole
+steps, next to the bubble on paper (the simulator's, with B = 2F and W = B/2 when split: (p-1)/(m+p-1)
+for 1F1B and GPipe, (p-1)/(3m+p-1) for ZB-H1). `idle_of_step` is the same busy time against the whole
 step (which also holds the gradient clipping and the optimizer step).
 
 Mixed precision: parameters, activations and gradients in bf16 on GPU (float32 on CPU). By default
@@ -76,13 +79,15 @@ from pp_runtime.model import StageModule  # noqa: E402
 from pp_runtime.parallel import ParallelContext, init_parallel  # noqa: E402
 from pp_runtime.partition import StageSpec, plan_for  # noqa: E402
 from pp_runtime.schedules import build_schedule  # noqa: E402
+from pp_runtime.simulator import simulate  # noqa: E402
 from pp_runtime.train_data import Document, PackedDataset  # noqa: E402
 from pp_runtime.trainer import PEAK_FLOPS_H200_BF16, TrainConfig, Trainer, flops_per_token, lr_at, token_loss  # noqa: E402
 
-CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe")
+CONFIGS = ("ours-1f1b", "torch-1f1b", "ours-gpipe", "torch-gpipe", "ours-zb-h1")
 LABELS = {
     "ours-1f1b": "pp_runtime 1F1B",
     "ours-gpipe": "pp_runtime GPipe",
+    "ours-zb-h1": "pp_runtime ZB-H1",
     "torch-1f1b": "torch.distributed.pipelining Schedule1F1B",
     "torch-gpipe": "torch.distributed.pipelining ScheduleGPipe",
 }
@@ -217,7 +222,7 @@ def estimate_memory_gb(a: argparse.Namespace, margs: ModelArgs, spec: StageSpec,
     static = n * (elem + elem + (4 + 4 + 8 if a.master_weights else 2 * elem))
     transient = n * (4 if a.master_weights else elem)  # AdamW's foreach temporaries at the step
     m = a.microbatches
-    held = m if schedule == "gpipe" else min(m, pp - spec.index)
+    held = {"gpipe": m, "zb-h1": min(m, pp)}.get(schedule, min(m, pp - spec.index))
     layers = spec.last - spec.first
     per_token_layer = elem * (margs.dim if a.activation_checkpointing else 4 * margs.hidden_dim + 11 * margs.dim)
     acts = held * layers * per_token_layer * a.seq
@@ -352,7 +357,6 @@ class Bench:
         self.data = synthetic_data(a)
         self.tokens_per_step = a.microbatches * a.seq
         self.fpt = flops_per_token(self.margs, a.seq)
-        self.formula = (self.pp - 1) / (a.microbatches + self.pp - 1)
         self.results: list[dict] = []
         self.gpu_mem_gb = (torch.cuda.get_device_properties(ctx.device).total_memory / GB
                            if ctx.device.type == "cuda" else None)
@@ -376,12 +380,12 @@ class Bench:
         return tps * self.fpt / (self.ctx.world_size * self.a.peak_flops)
 
     def base_record(self, name: str) -> dict:
-        impl, sched = name.split("-")
+        impl, sched = name.split("-", 1)
         return {"config": name, "impl": "pp_runtime" if impl == "ours" else "torch.distributed.pipelining",
                 "schedule": sched, "stages": self.pp, "microbatches": self.a.microbatches, "seq": self.a.seq,
                 "layers": self.a.layers, "split": self.plan.split, "dtype": str(self.dtype).replace("torch.", ""),
                 "master_weights": self.a.master_weights, "activation_checkpointing": self.a.activation_checkpointing,
-                "bubble_formula": round(self.formula, 4)}
+                "bubble_formula": round(simulate(build_schedule(sched, self.pp, self.a.microbatches)).bubble_fraction, 4)}
 
     # ------------------------------------------------------------------ one configuration
     def run(self, name: str, guard: Guard) -> None:
@@ -616,7 +620,7 @@ class Bench:
 
     def summary(self, note: str = "") -> str:
         lines = ["", "## Summary", "", self.header(), ""]
-        lines += ["| configuration | tokens/s | MFU | step (s) | peak memory per GPU (GB, 1e9 B) | measured bubble per rank | formula (p-1)/(m+p-1) | loss (first, last) |",
+        lines += ["| configuration | tokens/s | MFU | step (s) | peak memory per GPU (GB, 1e9 B) | measured bubble per rank | bubble on paper | loss (first, last) |",
                   "|---|---|---|---|---|---|---|---|"]
         by = {r["config"]: r for r in self.results}
         for name in self.a.configs:
@@ -635,7 +639,8 @@ class Bench:
             lossr = f"{losses[0]:.4f}, {losses[-1]:.4f}" if losses else ""
             lines.append(f"| {LABELS[name]} | {r['tokens_per_s']:,.0f} | {mfu} | {r['step_time_s']:.3f} | "
                          f"{_fmt_list(r.get('peak_memory_gb'))} | {bub} | {form} | {lossr} |")
-        pairs = [("1f1b", "ours-1f1b", "torch-1f1b"), ("gpipe", "ours-gpipe", "torch-gpipe")]
+        pairs = [("1F1B", "ours-1f1b", "torch-1f1b"), ("GPipe", "ours-gpipe", "torch-gpipe"),
+                 ("ZB-H1 (ours) / 1F1B (torch)", "ours-zb-h1", "torch-1f1b")]
         ratio_lines = []
         for sched, ours, theirs in pairs:
             o, t = by.get(ours), by.get(theirs)
@@ -643,7 +648,7 @@ class Bench:
                 mem = ""
                 if o.get("peak_memory_gb") and t.get("peak_memory_gb") and None not in o["peak_memory_gb"] + t["peak_memory_gb"]:
                     mem = f"{max(o['peak_memory_gb']) / max(t['peak_memory_gb']):.2f}"
-                ratio_lines.append(f"| {'GPipe' if sched == 'gpipe' else '1F1B'} | {o['tokens_per_s'] / t['tokens_per_s']:.3f} | {mem} |")
+                ratio_lines.append(f"| {sched} | {o['tokens_per_s'] / t['tokens_per_s']:.3f} | {mem} |")
         if ratio_lines:
             lines += ["", "| schedule | tokens/s ours / torch.distributed.pipelining | peak memory ours / torch (max over GPUs) |",
                       "|---|---|---|", *ratio_lines]

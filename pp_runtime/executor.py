@@ -8,9 +8,9 @@ Communication is derived from the actions and the stage -> rank map, never writt
   loss in its forward.
 - ``B(m, s)`` takes the gradient of its output from ``B(m, s+1)`` (or starts from the loss on the
   last stage), runs the backward and hands the gradient of its input to stage s-1.
-- ``W(m, s)`` (zero-bubble schedules that split the backward): ``B`` then computes only the input
-  gradient and ``W`` the weight gradients. This is correct but runs the stage's backward twice;
-  it is there so such schedules can be tried, not for speed.
+- ``W(m, s)`` (zero-bubble schedules that split the backward): ``B`` then runs the backward once
+  with the Linear layers' weight-gradient matmuls postponed (`pp_runtime.weight_grad`), hands the
+  input gradient on, and ``W`` does those matmuls. Nothing is computed twice.
 
 Sends are asynchronous; a receive happens exactly when an action needs the data. Messages from
 one peer arrive in the order that peer sent them, which need not be the order this rank wants
@@ -38,6 +38,7 @@ from pp_runtime.attention_meta import AttentionMeta
 from pp_runtime.comm import KIND_DATA, PeerLink
 from pp_runtime.model import StageModule
 from pp_runtime.schedules import BACKWARD, FORWARD, WEIGHT, Action, Schedule
+from pp_runtime.weight_grad import WeightGradQueue, enable_split_backward
 
 _ACT, _GRAD = 0, 1  # message tags: activations for a forward, gradients for a backward
 
@@ -92,6 +93,8 @@ class PipelineExecutor:
         if schedule.n_ranks > 1 and link is None:
             raise ValueError("a schedule over several ranks needs a PeerLink")
         self._split = {(a.microbatch, a.stage) for row in schedule.actions for a in row if a.kind == WEIGHT}
+        for s in {s for _, s in self._split} & mine:
+            enable_split_backward(self.stages[s])
 
     # ------------------------------------------------------------------------------ messaging
     def _rank_of(self, stage: int) -> int:
@@ -137,6 +140,7 @@ class PipelineExecutor:
         self._inputs: dict[tuple[int, int], torch.Tensor] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._out_grads: dict[tuple[int, int], Optional[torch.Tensor]] = {}
+        self._weight_grads: dict[tuple[int, int], WeightGradQueue] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         record = StepRecord(loss_sum=loss_sum)
         events: list[tuple[Action, torch.cuda.Event, torch.cuda.Event]] = []
@@ -172,10 +176,11 @@ class PipelineExecutor:
             torch.cuda.synchronize(self.device)
             record.timings = [(a, base_time + base.elapsed_time(st) / 1e3, base_time + base.elapsed_time(en) / 1e3)
                               for a, st, en in events]
-        leftover = [*self._inputs, *self._outputs]
+        leftover = [*self._inputs, *self._outputs, *self._weight_grads]
         self._local.clear()
         self._inputs.clear()
         self._outputs.clear()
+        self._weight_grads.clear()
         if leftover:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: micro-batch/stage {sorted(set(leftover))} never ran its backward")
         return record
@@ -205,22 +210,18 @@ class PipelineExecutor:
             self._out_grads[(m, s)] = None
 
     def _backward(self, m: int, s: int, weights: bool) -> None:
-        out, grad = self._outputs[(m, s)], self._out_grads[(m, s)]
-        inp = self._inputs[(m, s)]
-        has_input_grad = s > 0
+        out, grad = self._outputs.pop((m, s)), self._out_grads.pop((m, s))
+        inp = self._inputs.pop((m, s))
         if weights:
             torch.autograd.backward(out, grad)
-            self._outputs.pop((m, s))
-            self._inputs.pop((m, s))
-            self._out_grads.pop((m, s))
-        elif has_input_grad:  # input grad only; W(m, s) computes the weight grads later
-            torch.autograd.backward(out, grad, inputs=[inp], retain_graph=True)
-        if has_input_grad:
+        else:  # W(m, s) applies the postponed weight gradients later
+            queue = WeightGradQueue()
+            with queue.collecting(self.stages[s]):
+                torch.autograd.backward(out, grad)
+            self._weight_grads[(m, s)] = queue
+        if s > 0:
             assert inp.grad is not None, f"stage {s} input received no gradient"
             self._send(_GRAD, m, s - 1, inp.grad)
 
     def _weight_grad(self, m: int, s: int) -> None:
-        out, grad = self._outputs.pop((m, s)), self._out_grads.pop((m, s))
-        self._inputs.pop((m, s))
-        params = [p for p in self.stages[s].parameters() if p.requires_grad]
-        torch.autograd.backward(out, grad, inputs=params)
+        self._weight_grads.pop((m, s)).apply()

@@ -16,6 +16,7 @@ from pp_runtime.args import ModelArgs
 from pp_runtime.attention_meta import AttentionMeta
 from pp_runtime.kv_cache import RollingKVCache
 from pp_runtime.partition import StageSpec
+from pp_runtime.weight_grad import Linear
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -48,10 +49,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(
         self,
@@ -104,9 +105,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim, bias=False)
+        self.w2 = Linear(hidden_dim, dim, bias=False)
+        self.w3 = Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -122,7 +123,7 @@ class MoeFeedForward(nn.Module):
         super().__init__()
         assert args.moe is not None
         self.top_k = args.moe.num_experts_per_tok
-        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.gate = Linear(args.dim, args.moe.num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +169,7 @@ class StageModule(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if spec.has_embedding else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in spec.layers})
         self.norm = RMSNorm(args.dim, args.norm_eps) if spec.has_head else None
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if spec.has_head else None
+        self.output = Linear(args.dim, args.vocab_size, bias=False) if spec.has_head else None
         self.activation_checkpointing = False
 
     def forward(

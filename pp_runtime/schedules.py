@@ -26,7 +26,7 @@ BACKWARD = "B"
 WEIGHT = "W"
 KINDS = (FORWARD, BACKWARD, WEIGHT)
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 _ALIASES = {
     "gpipe": "gpipe",
     "1f1b": "1f1b",
@@ -34,6 +34,10 @@ _ALIASES = {
     "interleaved": "interleaved",
     "interleaved-1f1b": "interleaved",
     "interleaved_1f1b": "interleaved",
+    "zb-h1": "zb-h1",
+    "zb_h1": "zb-h1",
+    "zbh1": "zb-h1",
+    "zero-bubble": "zb-h1",
 }
 _ACTION_RE = re.compile(r"^\s*([FBW])\s*(\d+)\s*@\s*(\d+)\s*$")
 
@@ -168,6 +172,30 @@ def schedule_1f1b(n_ranks: int, n_microbatches: int) -> Schedule:
     return _make("1f1b", n_ranks, n_microbatches, 1, per_rank)
 
 
+def schedule_zb_h1(n_ranks: int, n_microbatches: int) -> Schedule:
+    """ZB-H1 zero-bubble schedule (Qi et al., 2023): 1F1B with each backward split into B (input
+    gradient, on the critical path) and W (weight gradient, which nothing downstream waits for).
+
+    Rank r runs its W actions r micro-batches late, which fills the cool-down bubble: with equal
+    F, B and W times the bubble shrinks from (p-1)(F+B+W) to (p-1)(F+B-W), a third of 1F1B's,
+    while no rank holds more than p micro-batches' activations (1F1B's worst rank)."""
+    _check_shape(n_ranks, n_microbatches)
+    p, m = n_ranks, n_microbatches
+    per_rank = []
+    for r in range(p):
+        warmup = min(p - 1 - r, m)
+        acts = [Action(FORWARD, i, r) for i in range(warmup)]
+        for i in range(m):
+            if warmup + i < m:
+                acts.append(Action(FORWARD, warmup + i, r))
+            acts.append(Action(BACKWARD, i, r))
+            if i >= r:
+                acts.append(Action(WEIGHT, i - r, r))
+        acts += [Action(WEIGHT, i, r) for i in range(max(0, m - r), m)]
+        per_rank.append(acts)
+    return _make("zb-h1", p, m, 1, per_rank)
+
+
 def _interleaved_groups(n_ranks: int, n_microbatches: int) -> list[range]:
     """Micro-batch groups of n_ranks; a remainder joins the first group (at the end it would deadlock)."""
     m, p = n_microbatches, n_ranks
@@ -219,7 +247,7 @@ def canonical_name(name: str) -> str:
 
 
 def build_schedule(name: str, n_ranks: int, n_microbatches: int, virtual_stages: int = 1) -> Schedule:
-    """Build a built-in schedule by name: "gpipe", "1f1b" or "interleaved"."""
+    """Build a built-in schedule by name: one of SCHEDULE_NAMES (or an alias)."""
     kind = canonical_name(name)
     if kind == "interleaved":
         return schedule_interleaved_1f1b(n_ranks, n_microbatches, virtual_stages)
@@ -228,14 +256,15 @@ def build_schedule(name: str, n_ranks: int, n_microbatches: int, virtual_stages:
             f"schedule {kind!r} runs one stage per rank but virtual_stages={virtual_stages}; "
             "set schedule.virtual_stages=1 or use schedule interleaved"
         )
-    return schedule_gpipe(n_ranks, n_microbatches) if kind == "gpipe" else schedule_1f1b(n_ranks, n_microbatches)
+    one_stage_per_rank = {"gpipe": schedule_gpipe, "1f1b": schedule_1f1b, "zb-h1": schedule_zb_h1}
+    return one_stage_per_rank[kind](n_ranks, n_microbatches)
 
 
 def check_microbatches(name: str, n_ranks: int, n_microbatches: int) -> None:
     """Reject micro-batch counts that leave a 1F1B-style pipeline never reaching its steady state."""
     kind = canonical_name(name)
     _check_shape(n_ranks, n_microbatches)
-    label = {"1f1b": "1F1B", "interleaved": "interleaved 1F1B"}.get(kind)
+    label = {"1f1b": "1F1B", "interleaved": "interleaved 1F1B", "zb-h1": "ZB-H1"}.get(kind)
     if label and n_microbatches < n_ranks:
         raise ConfigError(
             f"{label} needs at least as many micro-batches as stages (got {n_microbatches} for {n_ranks} stages); "

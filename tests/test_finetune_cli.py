@@ -116,12 +116,14 @@ def launched(tmp_path_factory, tiny_ckpt) -> dict[str, Launched]:
     for name, (extra, kind, _) in BAD.items():
         extra = [e.replace("OTHER", str(other)) for e in extra]
         runs[name] = Launched(two_procs() + base_args(files[kind], tiny_ckpt, work / name, *extra), work, name)
-    # two "nodes" of one process each, meeting through a c10d rendezvous on 127.0.0.1
+    # two "nodes" of one process each, meeting through a c10d rendezvous on 127.0.0.1, running the
+    # zero-bubble schedule from its config group (the one-process reference runs plain 1F1B)
     port = free_port()
     for node in (0, 1):
         cmd = torchrun("--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv_backend=c10d",
                        f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes")
-        runs[f"node{node}"] = Launched(cmd + base_args(files["good"], tiny_ckpt, work / "two_nodes"), work, f"node{node}")
+        args = base_args(files["good"], tiny_ckpt, work / "two_nodes", "schedule=zb_h1")
+        runs[f"node{node}"] = Launched(cmd + args, work, f"node{node}")
     runs["_work"] = work  # type: ignore[assignment]
     runs["_good"] = files["good"]  # type: ignore[assignment]
     return runs
@@ -149,6 +151,7 @@ def test_two_nodes_train_like_one_process(launched, tiny_ckpt, tmp_path):
     results = [launched[f"node{i}"].result() for i in (0, 1)]
     for i, (rc, out, err) in enumerate(results):
         assert rc == 0, f"node {i} failed:\n{out}\n{err[-3000:]}"
+    assert "schedule zb-h1 with 2 micro-batches" in results[0][1]
     two_nodes = _losses(launched["_work"] / "two_nodes" / "metrics.jsonl")
     from pp_runtime.finetune_job import run
 

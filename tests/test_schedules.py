@@ -21,6 +21,7 @@ from pp_runtime.schedules import (
     schedule_1f1b,
     schedule_gpipe,
     schedule_interleaved_1f1b,
+    schedule_zb_h1,
 )
 from pp_runtime.simulator import ScheduleError, simulate
 from pp_runtime.timeline import draw_timeline, main as timeline_main
@@ -90,6 +91,34 @@ def test_interleaved_passes_and_beats_1f1b(p, v):
             assert result.peak_activations[0] == min((v - 1) * p + 2 * (p - 1) + 1, v * m), (p, m, v)
 
 
+@pytest.mark.parametrize("p", RANKS)
+def test_zb_h1_cuts_the_bubble_to_a_third_at_1f1b_memory(p):
+    """Equal F, B, W times (cost_b=2 split in half): makespan 3m + (p-1), against 1F1B's 3m + 3(p-1)."""
+    for m in MICROBATCHES:
+        zb = simulate(schedule_zb_h1(p, m))
+        assert sum(len(row) for row in zb.timings) == 3 * m * p
+        assert zb.max_peak_activations <= min(p, m), (p, m)
+        one = simulate(schedule_1f1b(p, m))
+        assert zb.makespan <= one.makespan, (p, m)
+        if m >= p:
+            assert zb.makespan == 3 * m + (p - 1), (p, m)
+            assert zb.bubble_fraction == pytest.approx((p - 1) / (3 * m + p - 1)), (p, m)
+            assert one.makespan - 3 * m == 3 * (zb.makespan - 3 * m), (p, m)
+
+
+def test_zb_h1_postpones_rank_r_weight_grads_by_r():
+    s = schedule_zb_h1(4, 8)
+    for r, row in enumerate(s.actions):
+        kinds = "".join(a.kind for a in row)
+        assert kinds.count("F") == kinds.count("B") == kinds.count("W") == 8
+        b_seen = [a.microbatch for a in row if a.kind == "B"]
+        first_w = kinds.index("W")
+        assert kinds[:first_w].count("B") == r + 1, (r, kinds)  # r backwards run before the first W
+        assert b_seen == list(range(8))
+    assert [str(a) for a in s.actions[0][:6]] == ["F0@0", "F1@0", "F2@0", "F3@0", "B0@0", "W0@0"]
+    assert [str(a) for a in s.actions[3][:6]] == ["F0@3", "B0@3", "F1@3", "B1@3", "F2@3", "B2@3"]
+
+
 def test_interleaved_places_stage_s_on_rank_s_mod_p():
     s = schedule_interleaved_1f1b(4, 8, 2)
     assert s.n_stages == 8 and s.rank_of(5) == 1 and s.stages_of(1) == [1, 5]
@@ -101,6 +130,7 @@ def test_build_schedule_by_name():
     assert build_schedule("gpipe", 3, 4) == schedule_gpipe(3, 4)
     assert build_schedule("1F1B", 3, 4) == schedule_1f1b(3, 4)
     assert build_schedule("interleaved", 2, 4, 3) == schedule_interleaved_1f1b(2, 4, 3)
+    assert build_schedule("zero-bubble", 3, 4) == build_schedule("ZB-H1", 3, 4) == schedule_zb_h1(3, 4)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +140,8 @@ def test_build_schedule_by_name():
         (("gpipe", 0, 4), r"pipeline.stages=0"),
         (("interleaved", 4, 8, 1), r"virtual_stages=1: needs at least 2 .* set schedule.virtual_stages>=2 or use 1f1b"),
         (("1f1b", 4, 8, 2), r"set schedule.virtual_stages=1 or use schedule interleaved"),
-        (("zero-bubble", 4, 8), r"unknown schedule 'zero-bubble': choose one of gpipe, 1f1b, interleaved"),
+        (("zb-h2", 4, 8), r"unknown schedule 'zb-h2': choose one of gpipe, 1f1b, interleaved, zb-h1"),
+        (("zb-h1", 4, 8, 2), r"set schedule.virtual_stages=1 or use schedule interleaved"),
     ],
 )
 def test_build_schedule_errors_say_how_to_fix(args, match):
@@ -132,6 +163,8 @@ def test_check_microbatches_messages():
     check_microbatches("gpipe", 4, 2)
     check_microbatches("1f1b", 4, 4)
     check_microbatches("interleaved", 4, 6)
+    with pytest.raises(ConfigError, match=r"ZB-H1 needs at least as many micro-batches as stages \(got 3 for 4"):
+        check_microbatches("zb-h1", 4, 3)
 
 
 # --- broken schedules --------------------------------------------------------------------------

@@ -6,7 +6,8 @@ reference (the whole model as one StageModule, all rows at once, loss over all v
 AdamW + clipping written out here), in float64.
 
 Coverage: gpipe, 1f1b, interleaved(v=2) each on 4 stages x 1 replica and on 2 stages x 2 replicas
-(world 4), and 2 stages x 1 replica (world 2, plus a schedule that splits B and W).
+(world 4), zb-h1 on 4 stages (MoE) and on 2 (with activation checkpointing), and 2 stages x 1
+replica (world 2, plus a schedule that splits every B and W).
 """
 
 from __future__ import annotations
@@ -163,16 +164,18 @@ def test_four_ranks_match_single_process():
         ("gpipe", 2, 2, 1, DENSE),
         ("1f1b", 2, 2, 1, MOE),
         ("interleaved", 2, 2, 2, DENSE),
+        ("zb-h1", 4, 1, 1, MOE),
     ])
 
 
 @pytest.mark.timeout(240)
 def test_two_ranks_match_single_process():
-    """2 stages x 1 replica: interleaved (rank 1 sends rank 0 both activations and gradients) and a
-    schedule that splits every backward into B and W."""
+    """2 stages x 1 replica: interleaved (rank 1 sends rank 0 both activations and gradients), a
+    schedule that splits every backward into B and W, and ZB-H1 under activation checkpointing."""
     _spawn(2, [
         ("interleaved", 2, 1, 2, MOE),
         ("1f1b-split", 2, 1, 1, DENSE),
+        ("zb-h1", 2, 1, 1, DENSE, True),
     ])
 
 

@@ -12,7 +12,7 @@ from pp_runtime.schedules import build_schedule  # noqa: E402
 from pp_runtime.simulator import simulate  # noqa: E402
 from pp_runtime.timeline import draw_timeline  # noqa: E402
 
-for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
     schedule = build_schedule(name, n_ranks=4, n_microbatches=8, virtual_stages=v)
     result = simulate(schedule)  # raises with the step it would hang at if the schedule deadlocks
     print(f"{name:12s} bubble {result.bubble_fraction:.3f}  peak activations per rank {result.peak_activations}")

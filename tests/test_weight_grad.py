@@ -1,0 +1,101 @@
+"""The B / W split: postponed weight gradients equal autograd's, and no work is done twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pp_runtime.args import preset
+from pp_runtime.attention_meta import build_training_meta
+from pp_runtime.partition import plan_for
+from pp_runtime.runtime import ModelSource
+from pp_runtime.weight_grad import Linear, WeightGradQueue, enable_split_backward
+
+
+def _model_and_batch(name: str, checkpointing: bool = False):
+    args = preset(name, vocab_size=96)
+    stage = ModelSource(args, None, seed=5).build_stage(plan_for(args, 1).stages[0], torch.float64, torch.device("cpu"))
+    stage.activation_checkpointing = checkpointing
+    stage.train()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, args.vocab_size, (2 * 24,), generator=gen)
+    # two rows, the first packing two documents
+    meta = build_training_meta([[10, 14], [24]], window=args.sliding_window, head_dim=args.head_dim,
+                               rope_theta=args.rope_theta, n_kv_groups=args.n_heads // args.n_kv_heads)
+    return stage, tokens, meta
+
+
+def _loss(stage, tokens, meta) -> torch.Tensor:
+    logits = stage(tokens, meta, logits="all")
+    return torch.nn.functional.cross_entropy(logits[:-1], tokens[1:])
+
+
+def _grads(stage) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name, checkpointing", [("tiny", False), ("tiny-moe", False), ("tiny", True)])
+def test_postponed_weight_grads_equal_autograd(name, checkpointing):
+    stage, tokens, meta = _model_and_batch(name, checkpointing)
+    _loss(stage, tokens, meta).backward()
+    expected = _grads(stage)
+    stage.zero_grad(set_to_none=True)
+
+    n_linear = enable_split_backward(stage)
+    assert n_linear == sum(isinstance(m, Linear) for m in stage.modules()) > 0
+    queue = WeightGradQueue()
+    with queue.collecting(stage):
+        _loss(stage, tokens, meta).backward()
+    linear_weights = {f"{n}.weight" for n, m in stage.named_modules() if isinstance(m, Linear)}
+    after_b = _grads(stage)
+    assert not linear_weights & after_b.keys(), "B computed Linear weight gradients it should have postponed"
+    assert set(after_b) == set(expected) - linear_weights  # norms and embedding: done in B
+    assert len(queue) >= len(linear_weights) - (1 if name == "tiny-moe" else 0)  # one per call (experts: per use)
+    queue.apply()
+    assert len(queue) == 0
+    got = _grads(stage)
+    assert got.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_split_backward_does_the_matmuls_once():
+    """FLOPs of B (postponing) + W equal one ordinary backward: nothing is recomputed."""
+    stage, tokens, meta = _model_and_batch("tiny")
+    loss = _loss(stage, tokens, meta)
+    with FlopCounterMode(display=False) as plain:
+        loss.backward()
+    stage.zero_grad(set_to_none=True)
+
+    enable_split_backward(stage)
+    loss = _loss(stage, tokens, meta)
+    queue = WeightGradQueue()
+    with FlopCounterMode(display=False) as b_only, queue.collecting(stage):
+        loss.backward()
+    with FlopCounterMode(display=False) as w_only:
+        queue.apply()
+    b, w, full = b_only.get_total_flops(), w_only.get_total_flops(), plain.get_total_flops()
+    assert b + w == full
+    assert 0.4 * full < w < 0.6 * full  # the weight half of the Linear backward matmuls
+
+
+def test_unsplit_linear_is_plain_linear():
+    """Without enable_split_backward (inference, schedules without W) the stock path runs."""
+    lin = Linear(4, 3, bias=True).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    y = lin(x)
+    assert y.grad_fn is not None and "Split" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias))
+    # with a bias, once split: bias grad in B, weight grad in W
+    enable_split_backward(lin)
+    ref = torch.nn.Linear(4, 3).double()
+    ref.load_state_dict(lin.state_dict())
+    ref(x).square().sum().backward()
+    queue = WeightGradQueue()
+    with queue.collecting(lin):
+        lin(x).square().sum().backward()
+    assert lin.weight.grad is None and lin.bias.grad is not None
+    queue.apply()
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad)
