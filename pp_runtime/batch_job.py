@@ -35,13 +35,21 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
 from pp_runtime.config import resolve_path
 from pp_runtime.errors import ConfigError, InputError, PPRuntimeError
-from pp_runtime.prompts import check_request, iter_lines, make_request, parse_prompt_line, token_limit
+from pp_runtime.parallel import agree
+from pp_runtime.prompts import (
+    check_input_file,
+    check_request,
+    iter_lines,
+    make_request,
+    parse_prompt_line,
+    token_limit,
+)
 from pp_runtime.scheduler import Completion, Request
 
 FSYNC_EVERY_S = 10.0
@@ -405,17 +413,6 @@ def _broadcast(ctx, obj):
     return box[0]
 
 
-def _first_problem_everywhere(ctx, problem: Optional[tuple[str, str]]) -> Optional[tuple[str, str]]:
-    """The first problem any rank found (by rank order), known to every rank."""
-    if not ctx.distributed:
-        return problem
-    import torch.distributed as dist
-
-    gathered: list = [None] * ctx.world_size
-    dist.all_gather_object(gathered, problem)
-    return next((p for p in gathered if p), None)
-
-
 def _validate_share(cfg, ctx, paths: BatchPaths, done: LineSet, tokenizer, sampling, limit) -> None:
     """strict=true: check this replica's share before any generation, so a bad line stops every rank
     at once with the same message instead of killing one pipeline mid-run."""
@@ -427,15 +424,15 @@ def _validate_share(cfg, ctx, paths: BatchPaths, done: LineSet, tokenizer, sampl
 
 
 def run(cfg: DictConfig) -> int:
-    from pp_runtime.infer_job import completion_record, default_sampling, load_tokenizer, setup_inference
+    from pp_runtime.infer_job import completion_record, default_sampling, setup_inference
 
     t_start = time.perf_counter()
     paths = BatchPaths.from_config(cfg)
-    if not paths.input.is_file():  # checked on every rank before any collective: same error everywhere
-        raise InputError(f"input file {str(paths.input)!r} does not exist; check input=")
+    check_input_file(paths.input)  # on every rank before any collective: the same error everywhere
     strict = bool(cfg.get("strict", False))
 
-    ctx, source, runner = setup_inference(cfg)
+    setup = setup_inference(cfg)
+    ctx, source, runner, tokenizer = setup.ctx, setup.source, setup.runner, setup.tokenizer
     state, probe = None, None
     if ctx.rank == 0:
         state = prepare_resume(paths)
@@ -451,29 +448,25 @@ def run(cfg: DictConfig) -> int:
             msg += f" (repaired {state.repaired_bytes} bytes of a cut-off write)"
         print(msg + f", {n_input - n_done} to run on {ctx.dp_size} replica(s) x {ctx.pp_size} stage(s)", flush=True)
 
-    # Checks that can fail on some ranks only; the first failure is raised on every rank.
-    tokenizer, problem = None, None
     sampling = default_sampling(cfg)
     limit = token_limit(source.args, runner.cfg.cache_len)
-    try:
-        if ctx.is_first:
-            if not Path(shared[3]).exists():
-                raise ConfigError(
-                    f"rank {ctx.rank} cannot see {paths.output.parent} as rank 0 does; every replica writes its "
-                    "results beside output=, so on several nodes it must be on a shared filesystem"
-                )
-            tokenizer = load_tokenizer(source)
-            if strict:
-                _validate_share(cfg, ctx, paths, done, tokenizer, sampling, limit)
-    except PPRuntimeError as e:
-        problem = (type(e).__name__, str(e))
-    problem = _first_problem_everywhere(ctx, problem)
-    if probe is not None:
-        probe.unlink(missing_ok=True)
-    if problem is not None:
-        import pp_runtime.errors as errs
 
-        raise getattr(errs, problem[0], PPRuntimeError)(problem[1])
+    def first_stage_checks() -> None:
+        if not ctx.is_first:
+            return
+        if not Path(shared[3]).exists():
+            raise ConfigError(
+                f"rank {ctx.rank} cannot see {paths.output.parent} as rank 0 does; every replica writes its "
+                "results beside output=, so on several nodes it must be on a shared filesystem"
+            )
+        if strict:
+            _validate_share(cfg, ctx, paths, done, tokenizer, sampling, limit)
+
+    try:
+        agree(ctx, first_stage_checks)  # can fail on some ranks only: raised on every rank
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
 
     progress = None
     if ctx.rank == 0:

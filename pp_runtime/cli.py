@@ -20,7 +20,7 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
     try:
         code = main(sys.argv[1:]) or 0
     except PPRuntimeError as e:
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"{prefix}error: {e}\n")  # one write: ranks sharing a pipe cannot splice lines
         code = 2
     except KeyboardInterrupt:
         code = 130

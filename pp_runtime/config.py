@@ -28,6 +28,8 @@ def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -
         hint = ""
         if "Could not override" in str(e) or "not in struct" in str(e):
             hint = f"; known keys: {_known_keys(job, conf_dir)}"
+        elif "Error parsing override" in str(e):
+            hint = """; quote a value that holds '=' or brackets, e.g. 'prompt="1+1="'"""
         raise ConfigError(f"bad override: {first}{hint}") from None
     OmegaConf.set_struct(cfg, True)
     return cfg

@@ -12,18 +12,17 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from pp_runtime import errors
 from pp_runtime.args import ModelArgs, preset
 from pp_runtime.config import resolve_path
-from pp_runtime.errors import ConfigError, PPRuntimeError
+from pp_runtime.errors import ConfigError
 from pp_runtime.model import StageModule
-from pp_runtime.parallel import ParallelContext, init_parallel
+from pp_runtime.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.partition import StagePlan, plan_for
 from pp_runtime.runtime import ModelSource, resolve_dtype
 from pp_runtime.schedules import Schedule, build_schedule, check_microbatches, load_schedule
@@ -31,8 +30,6 @@ from pp_runtime.simulator import simulate
 from pp_runtime.train_data import PackedDataset, check_batch_shape, validate_token_ids
 from pp_runtime.trainer import StepStats, TrainConfig, Trainer
 from pp_runtime import train_checkpoint as tc
-
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -122,29 +119,6 @@ def load_tokenizer(cfg: DictConfig, source: ModelSource):
             f"set model.args='{{vocab_size: {tok.vocab_size}}}' (from scratch) or use the model's tokenizer"
         )
     return tok
-
-
-def agree(ctx: ParallelContext, fn: Callable[[], T]) -> T:
-    """Run `fn` on every rank; if it fails anywhere, fail everywhere with that rank's message."""
-    result: Optional[T] = None
-    err: Optional[BaseException] = None
-    try:
-        result = fn()
-    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
-        err = e
-    if ctx.distributed:
-        mine = None if err is None else (type(err).__name__, str(err), isinstance(err, PPRuntimeError))
-        notes: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(notes, mine)
-        failed = [(r, n) for r, n in enumerate(notes) if n is not None]
-        if failed and err is None:
-            r, (cls_name, msg, user) = failed[0]
-            if user:
-                raise getattr(errors, cls_name, PPRuntimeError)(msg)
-            raise RuntimeError(f"rank {r} failed during setup: {cls_name}: {msg}")
-    if err is not None:
-        raise err
-    return result  # type: ignore[return-value]
 
 
 @dataclass

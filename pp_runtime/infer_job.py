@@ -4,39 +4,57 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
 from pp_runtime.config import resolve_path
 from pp_runtime.engine import InferenceConfig, RunStats, StageRunner, run_pipeline
 from pp_runtime.errors import CheckpointError, ConfigError, InputError
-from pp_runtime.parallel import ParallelContext, init_parallel
-from pp_runtime.prompts import PromptRecord, iter_lines, make_request, parse_prompt_line
+from pp_runtime.parallel import ParallelContext, agree, init_parallel
+from pp_runtime.prompts import PromptRecord, check_input_file, iter_lines, make_request, parse_prompt_line
 from pp_runtime.runtime import DEMO_DIR, ModelSource, make_plan, resolve_dtype
 from pp_runtime.sampling import SamplingParams
 from pp_runtime.scheduler import Completion, Request
+from pp_runtime.tokenizer import Tokenizer
 
 
-def setup_inference(cfg: DictConfig) -> tuple[ParallelContext, ModelSource, StageRunner]:
-    """Process groups, plan, this stage's weights and cache: shared by infer and batch_infer."""
+@dataclass
+class InferenceSetup:
+    ctx: ParallelContext
+    source: ModelSource
+    runner: StageRunner
+    tokenizer: Optional[Tokenizer]  # first stages only: they tokenize prompts and decode completions
+
+
+def setup_inference(cfg: DictConfig) -> InferenceSetup:
+    """Process groups, plan, tokenizer, this stage's weights and cache: shared by infer and batch_infer.
+
+    Whatever fails on one rank (its shard of the checkpoint, the tokenizer or input file that only
+    first stages read) fails on every rank with the same message, before any stage waits on another."""
     ctx = init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
-    source = ModelSource.from_config(cfg.model)
-    plan = make_plan(source.args, ctx, cfg.pipeline)
-    if ctx.rank == 0:
-        print(f"stage plan ({ctx.pp_size} stage(s) x {ctx.dp_size} replica(s)):\n{plan.describe()}", flush=True)
-    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
-    module = source.build_stage(plan.stages[ctx.pp_rank], dtype, ctx.device)
-    icfg = InferenceConfig(**cfg.inference).resolved(source.args, ctx.pp_size)
-    return ctx, source, StageRunner(source.args, module, icfg, ctx.device, dtype)
+
+    def build() -> InferenceSetup:
+        source = ModelSource.from_config(cfg.model)
+        plan = make_plan(source.args, ctx, cfg.pipeline)
+        if ctx.rank == 0:
+            print(f"stage plan ({ctx.pp_size} stage(s) x {ctx.dp_size} replica(s)):\n{plan.describe()}", flush=True)
+        tokenizer = None
+        if ctx.is_first:
+            tokenizer = load_tokenizer(source)
+            if cfg.get("input") is not None:
+                check_input_file(resolve_path(cfg.input))
+        dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+        module = source.build_stage(plan.stages[ctx.pp_rank], dtype, ctx.device)
+        icfg = InferenceConfig(**cfg.inference).resolved(source.args, ctx.pp_size)
+        return InferenceSetup(ctx, source, StageRunner(source.args, module, icfg, ctx.device, dtype), tokenizer)
+
+    return agree(ctx, build)
 
 
-def load_tokenizer(source: ModelSource):
-    from pp_runtime.tokenizer import Tokenizer
-
+def load_tokenizer(source: ModelSource) -> Tokenizer:
     if source.path is None:
         raise ConfigError("a random `preset` model has no tokenizer; give model.path=DIR with a tokenizer.model")
     tok = Tokenizer.from_dir(source.path)
@@ -96,8 +114,8 @@ def completion_record(c: Completion, tokenizer) -> dict:
 
 
 def run(cfg: DictConfig) -> int:
-    ctx, source, runner = setup_inference(cfg)
-    tokenizer = load_tokenizer(source) if ctx.is_first else None
+    setup = setup_inference(cfg)
+    ctx, source, runner, tokenizer = setup.ctx, setup.source, setup.runner, setup.tokenizer
     requests = replica_requests(cfg, ctx, source, tokenizer) if ctx.is_first else None
     bar = _progress(cfg, ctx)
     records: list[tuple[int, dict]] = []

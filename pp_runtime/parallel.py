@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from pp_runtime.errors import ConfigError
+from pp_runtime import errors
+from pp_runtime.errors import ConfigError, PPRuntimeError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -111,3 +114,30 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def agree(ctx: ParallelContext, fn: Callable[[], T]) -> T:
+    """Run `fn` on every rank; if it fails anywhere, fail everywhere with that rank's message.
+
+    For set-up steps that can fail on some ranks only (a tokenizer only the first stage reads, a
+    tensor missing from one stage's shard): without it the healthy ranks would wait in their first
+    communication for a peer that has already exited."""
+    result: Optional[T] = None
+    err: Optional[BaseException] = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        err = e
+    if ctx.distributed:
+        mine = None if err is None else (type(err).__name__, str(err), isinstance(err, PPRuntimeError))
+        notes: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(notes, mine)
+        failed = [(r, n) for r, n in enumerate(notes) if n is not None]
+        if failed and err is None:
+            r, (cls_name, msg, user) = failed[0]
+            if user:
+                raise getattr(errors, cls_name, PPRuntimeError)(msg)
+            raise RuntimeError(f"rank {r} failed during setup: {cls_name}: {msg}")
+    if err is not None:
+        raise err
+    return result  # type: ignore[return-value]

@@ -23,10 +23,14 @@ class PromptRecord:
     top_k: Optional[int] = None
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Stream non-blank lines with their 1-based numbers; the file is never loaded whole."""
+def check_input_file(path: Path) -> None:
     if not path.is_file():
         raise InputError(f"input file {str(path)!r} does not exist; check input=")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Stream non-blank lines with their 1-based numbers; the file is never loaded whole."""
+    check_input_file(path)
     with open(path, encoding="utf-8") as f:
         for no, line in enumerate(f, start=1):
             if line.strip():

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from conftest import REPO
 from pp_runtime.args import ModelArgs

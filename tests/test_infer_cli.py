@@ -73,6 +73,7 @@ def _bad_params(tiny_ckpt, tmp_path):
         ("params_mismatch", "params.json"),
         ("empty_prompt", "empty"),
         ("unknown_override", "bad override"),
+        ("unquoted_equals", """quote a value that holds '='"""),
         ("malformed_jsonl", "line 2: not valid JSON"),
         ("missing_input", "does not exist; check input="),
     ],
@@ -84,6 +85,7 @@ def test_bad_input_gives_one_line_error(case, expected, tiny_ckpt, tmp_path):
         "params_mismatch": [f"model.path={_bad_params(tiny_ckpt, tmp_path)}", "prompt=hi"],
         "empty_prompt": [f"model.path={tiny_ckpt}", "prompt=' '"],
         "unknown_override": [f"model.path={tiny_ckpt}", "prompt=hi", "max_new_tokenz=3"],
+        "unquoted_equals": [f"model.path={tiny_ckpt}", "prompt=1+1="],
         "malformed_jsonl": [f"model.path={tiny_ckpt}", "input=bad.jsonl"],
         "missing_input": [f"model.path={tiny_ckpt}", "input=absent.jsonl"],
     }[case]
@@ -104,3 +106,22 @@ def test_bad_request_on_rank0_stops_every_rank_quickly(tiny_ckpt, tmp_path):
         assert f"[rank {rank}] error:" in r.stderr, r.stderr
     assert "limit of 4096 tokens" in r.stderr
     assert elapsed < 60
+
+
+@pytest.mark.parametrize("case", ["no_tokenizer", "missing_input"])
+def test_first_stage_setup_error_reaches_every_rank(case, tiny_ckpt, tmp_path):
+    """Only the first stage reads the tokenizer and the input file; the other ranks still print the
+    same one-line error and exit, instead of a broken-connection traceback or a hang."""
+    ckpt = tiny_ckpt
+    if case == "no_tokenizer":
+        ckpt = tmp_path / "no_tok"
+        shutil.copytree(tiny_ckpt, ckpt)
+        (ckpt / "tokenizer.model").unlink()
+    args = [f"model.path={ckpt}", "prompt=hi" if case == "no_tokenizer" else "input=absent.jsonl"]
+    r = _run(args, cwd=tmp_path, ranks=2, timeout=90)
+    assert r.returncode != 0
+    expected = "no tokenizer in" if case == "no_tokenizer" else "does not exist; check input="
+    for rank in range(2):
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith(f"[rank {rank}] error:")]
+        assert len(lines) == 1 and expected in lines[0], r.stderr[-3000:]
+    assert "Connection closed by peer" not in r.stderr
