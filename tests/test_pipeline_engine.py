@@ -75,13 +75,8 @@ def test_single_process_greedy_equals_cache_free_reference(tiny_ckpt, reference_
     assert compared >= 2  # prompts longer than the window, so the ring wraps during prefill and decode
 
 
-# (micro-batches in flight) per model and number of stages: every stage count sees 1, stages and
-# stages+1 micro-batches across the two models, and 2 stages sees all of them for both.
-_SETTINGS = {
-    2: {"tiny": [1, 2, 3], "tiny-moe": [1, 2, 3]},
-    3: {"tiny": [1, 4], "tiny-moe": [3]},
-    4: {"tiny": [4, 5], "tiny-moe": [1]},
-}
+# (micro-batches in flight) per number of stages: 1, stages and stages+1, for both models.
+_SETTINGS = {world: {"tiny": [1, world, world + 1], "tiny-moe": [1, world, world + 1]} for world in (2, 3, 4)}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
