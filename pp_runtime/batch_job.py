@@ -42,14 +42,7 @@ from omegaconf import DictConfig
 from pp_runtime.config import resolve_path
 from pp_runtime.errors import ConfigError, InputError, PPRuntimeError
 from pp_runtime.parallel import agree
-from pp_runtime.prompts import (
-    check_input_file,
-    check_request,
-    iter_lines,
-    make_request,
-    parse_prompt_line,
-    token_limit,
-)
+from pp_runtime.prompts import check_request, iter_lines, make_request, parse_prompt_line, token_limit
 from pp_runtime.scheduler import Completion, Request
 
 FSYNC_EVERY_S = 10.0
@@ -428,7 +421,6 @@ def run(cfg: DictConfig) -> int:
 
     t_start = time.perf_counter()
     paths = BatchPaths.from_config(cfg)
-    check_input_file(paths.input)  # on every rank before any collective: the same error everywhere
     strict = bool(cfg.get("strict", False))
 
     setup = setup_inference(cfg)

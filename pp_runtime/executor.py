@@ -93,8 +93,8 @@ class PipelineExecutor:
         if schedule.n_ranks > 1 and link is None:
             raise ValueError("a schedule over several ranks needs a PeerLink")
         self._split = {(a.microbatch, a.stage) for row in schedule.actions for a in row if a.kind == WEIGHT}
-        for s in {s for _, s in self._split} & mine:
-            enable_split_backward(self.stages[s])
+        # found once here, not on every B of the step
+        self._split_linears = {s: enable_split_backward(self.stages[s]) for s in {s for _, s in self._split} & mine}
 
     # ------------------------------------------------------------------------------ messaging
     def _rank_of(self, stage: int) -> int:
@@ -216,7 +216,7 @@ class PipelineExecutor:
             torch.autograd.backward(out, grad)
         else:  # W(m, s) applies the postponed weight gradients later
             queue = WeightGradQueue()
-            with queue.collecting(self.stages[s]):
+            with queue.collecting(self._split_linears[s]):
                 torch.autograd.backward(out, grad)
             self._weight_grads[(m, s)] = queue
         if s > 0:

@@ -11,7 +11,7 @@ Norm weights, the embedding and biases get their (cheap) gradients in the backwa
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,8 @@ class WeightGradQueue:
         return len(self._pending)
 
     @contextmanager
-    def collecting(self, module: nn.Module) -> Iterator["WeightGradQueue"]:
-        """While inside, backwards through `module`'s split-enabled Linears defer to this queue."""
-        linears = [m for m in module.modules() if isinstance(m, Linear)]
+    def collecting(self, linears: Sequence["Linear"]) -> Iterator["WeightGradQueue"]:
+        """While inside, backwards through these split-enabled Linears defer to this queue."""
         for lin in linears:
             lin.weight_grad_queue = self
         try:
@@ -100,9 +99,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def enable_split_backward(module: nn.Module) -> int:
-    """Route `module`'s Linears through the splittable path; returns how many there are."""
+def enable_split_backward(module: nn.Module) -> list[Linear]:
+    """Route `module`'s Linears through the splittable path; returns them, for `collecting`."""
     linears = [m for m in module.modules() if isinstance(m, Linear)]
     for lin in linears:
         lin.split_backward = True
-    return len(linears)
+    return linears

@@ -42,10 +42,11 @@ def test_postponed_weight_grads_equal_autograd(name, checkpointing):
     expected = _grads(stage)
     stage.zero_grad(set_to_none=True)
 
-    n_linear = enable_split_backward(stage)
+    linears = enable_split_backward(stage)
+    n_linear = len(linears)
     assert n_linear == sum(isinstance(m, Linear) for m in stage.modules()) > 0
     queue = WeightGradQueue()
-    with queue.collecting(stage):
+    with queue.collecting(linears):
         _loss(stage, tokens, meta).backward()
     linear_weights = {f"{n}.weight" for n, m in stage.named_modules() if isinstance(m, Linear)}
     after_b = _grads(stage)
@@ -68,10 +69,10 @@ def test_split_backward_does_the_matmuls_once():
         loss.backward()
     stage.zero_grad(set_to_none=True)
 
-    enable_split_backward(stage)
+    linears = enable_split_backward(stage)
     loss = _loss(stage, tokens, meta)
     queue = WeightGradQueue()
-    with FlopCounterMode(display=False) as b_only, queue.collecting(stage):
+    with FlopCounterMode(display=False) as b_only, queue.collecting(linears):
         loss.backward()
     with FlopCounterMode(display=False) as w_only:
         queue.apply()
@@ -88,12 +89,12 @@ def test_unsplit_linear_is_plain_linear():
     assert y.grad_fn is not None and "Split" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias))
     # with a bias, once split: bias grad in B, weight grad in W
-    enable_split_backward(lin)
+    linears = enable_split_backward(lin)
     ref = torch.nn.Linear(4, 3).double()
     ref.load_state_dict(lin.state_dict())
     ref(x).square().sum().backward()
     queue = WeightGradQueue()
-    with queue.collecting(lin):
+    with queue.collecting(linears):
         lin(x).square().sum().backward()
     assert lin.weight.grad is None and lin.bias.grad is not None
     queue.apply()
