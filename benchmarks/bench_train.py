@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pp_runtime.args import ModelArgs  # noqa: E402
 from pp_runtime.attention_meta import build_training_meta  # noqa: E402
 from pp_runtime.model import StageModule  # noqa: E402
-from pp_runtime.parallel import ParallelContext, init_parallel  # noqa: E402
+from pp_runtime.parallel import ParallelContext, init_parallel, shutdown  # noqa: E402
 from pp_runtime.partition import StageSpec, plan_for  # noqa: E402
 from pp_runtime.schedules import build_schedule  # noqa: E402
 from pp_runtime.simulator import simulate  # noqa: E402
@@ -706,9 +706,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if ctx.rank == 0:
         print(bench.summary(), flush=True)
         _write_json(a, bench, "")
-    barrier(ctx)
-    if ctx.distributed:
-        dist.destroy_process_group()
+    shutdown()
     return 0
 
 
