@@ -1,30 +1,34 @@
 """Pipelined generation: stage 0 schedules, every stage computes its layers, the last samples.
 
-Stage 0 keeps up to `microbatches` micro-batches in the pipe. Each carries its own metadata (which
-sequences, slots, positions, sampling settings) with the activations, so all stages agree by
-construction. The last stage returns only the sampled token ids and their logprobs. With one stage
-the same loop runs with no communication at all.
+Stage 0 keeps up to `microbatches` micro-batches in the pipe. A step's table (which sequences,
+slots, positions, sampling settings) goes down the pipe on the CPU control plane ahead of its
+activations, so every stage prepares a step while its GPU still runs the previous one, and all
+stages agree by construction. The last stage returns only token ids, logprobs and a finiteness
+flag. With one stage the same loop runs with no communication at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from pp_runtime.args import ModelArgs
-from pp_runtime.attention_meta import SeqChunk, build_inference_meta
-from pp_runtime.comm import KIND_ABORT, KIND_DATA, KIND_STOP, PeerLink, decode_text, encode_text
+from pp_runtime.comm import StageChannels, decode_text, encode_text
 from pp_runtime.errors import ConfigError, PPRuntimeError
-from pp_runtime.kv_cache import RollingKVCache
 from pp_runtime.model import StageModule
-from pp_runtime.parallel import ParallelContext
+from pp_runtime.parallel import ParallelContext, pipe_groups
 from pp_runtime.prompts import check_request, token_limit
-from pp_runtime.sampling import Sampler, SamplingParams
-from pp_runtime.scheduler import ChunkPlan, Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
+from pp_runtime.scheduler import Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
+from pp_runtime.stage_runner import StageRunner
+from pp_runtime.step_table import KIND_ABORT, KIND_DATA, KIND_STOP, Step, StepChunk
+
+__all__ = ["InferenceConfig", "RunStats", "StageRunner", "run_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -33,19 +37,26 @@ class InferenceConfig:
     batch_size: int = 16  # sequences per micro-batch
     max_batch_tokens: int = 4096  # token budget per micro-batch (prefill chunks + decode tokens)
     chunk_size: int = 0  # longest prefill chunk; 0 = the sliding window
-    cache_len: int = 0  # ring length per sequence; 0 = window (or the model's max_seq_len without one)
-    cuda_graphs: bool = True  # replay captured decode steps on GPU (dense models)
+    cache_len: int = 0  # ring length per sequence; 0 = the window, or for a model without one the
+    #                     context, shortened on GPU to what gpu_memory_fraction leaves
+    cuda_graphs: bool = True  # replay every step as a captured CUDA graph (GPU, fused path)
+    attention: str = "auto"  # auto (fused Triton path on GPU, SDPA on CPU) | sdpa | triton
+    gpu_memory_fraction: float = 0.9  # share of the GPU that weights, activations and the cache may use
+    cache_from_memory: bool = False  # set by `resolved`: cache_len may shrink to the memory budget
 
     def resolved(self, args: ModelArgs, n_stages: int) -> "InferenceConfig":
-        mb = self.microbatches or n_stages
         capacity = self.cache_len or (args.sliding_window or args.max_seq_len)
-        if args.sliding_window is not None:
-            capacity = min(capacity, args.sliding_window) if self.cache_len == 0 else capacity
         chunk = self.chunk_size or min(args.window, capacity)
-        cfg = InferenceConfig(mb, self.batch_size, self.max_batch_tokens, chunk, capacity, self.cuda_graphs)
+        cfg = dataclasses.replace(self, microbatches=self.microbatches or n_stages, chunk_size=chunk,
+                                  cache_len=capacity,
+                                  cache_from_memory=self.cache_len == 0 and args.sliding_window is None)
         for name in ("microbatches", "batch_size", "max_batch_tokens", "chunk_size", "cache_len"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inference.{name}={getattr(cfg, name)} must be at least 1")
+        if cfg.attention not in ("auto", "sdpa", "triton"):
+            raise ConfigError(f"inference.attention={cfg.attention!r}: use auto, sdpa or triton")
+        if not 0 < cfg.gpu_memory_fraction <= 1:
+            raise ConfigError(f"inference.gpu_memory_fraction={cfg.gpu_memory_fraction} must be in (0, 1]")
         return cfg
 
 
@@ -61,6 +72,7 @@ class RunStats:
     decode_steps: int = 0  # decode-only micro-batches
     busy_s: list[float] = field(default_factory=list)  # per stage: time spent computing
     loop_s: list[float] = field(default_factory=list)  # per stage: time in its serving loop
+    graphs: list[str] = field(default_factory=list)  # per stage: graphs captured and capture time
 
     @property
     def busy_fraction(self) -> list[float]:
@@ -70,114 +82,15 @@ class RunStats:
         pf = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
         dc = self.decode_tokens / self.decode_s if self.decode_s else 0.0
         busy = ", ".join(f"stage {i}: {100 * f:.0f}%" for i, f in enumerate(self.busy_fraction))
-        return (
-            f"{self.prompts} prompts | {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated | "
+        lines = [
+            f"{self.prompts} prompt(s) | {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated | "
             f"wall {self.wall_s:.2f}s | prefill {pf:,.0f} tok/s | decode {dc:,.0f} tok/s | "
-            f"overall {self.generated_tokens / max(self.wall_s, 1e-9):,.1f} generated tok/s\nbusy: {busy}"
-        )
-
-
-class _BusyClock:
-    """Compute time of one stage: CUDA events on GPU (no sync in the loop), host clock on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.host = 0.0
-
-    def start(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def stop(self, token) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.events.append((token, ev))
-        else:
-            self.host += time.perf_counter() - token
-
-    def total(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
-        return self.host
-
-
-@dataclass(frozen=True)
-class StepChunk:
-    """What every stage knows of one sequence in a micro-batch: the header row that travels with it."""
-
-    uid: int
-    slot: int
-    start: int
-    n_tokens: int
-    sample: bool
-    sampling: SamplingParams
-
-    @classmethod
-    def of(cls, c: ChunkPlan) -> "StepChunk":
-        return cls(c.uid, c.slot, c.start, len(c.tokens), c.sample, c.sampling)
-
-
-def _encode_chunks(chunks: list[StepChunk]) -> torch.Tensor:
-    """int64 [n, 9]: uid, slot, start, n_tokens, sample, seed, then temperature, top_p, top_k as float64 bits."""
-    ints = torch.tensor([[c.uid, c.slot, c.start, c.n_tokens, int(c.sample), c.sampling.seed] for c in chunks],
-                        dtype=torch.int64)
-    floats = torch.tensor([[c.sampling.temperature, c.sampling.top_p, float(c.sampling.top_k)] for c in chunks],
-                          dtype=torch.float64).view(torch.int64)
-    return torch.cat([ints, floats], dim=1)
-
-
-def _decode_chunks(table: torch.Tensor) -> list[StepChunk]:
-    table = table.cpu()
-    ints = table[:, :6].tolist()
-    floats = table[:, 6:].contiguous().view(torch.float64).tolist()
-    return [
-        StepChunk(u, s, st, n, bool(sm), SamplingParams(temperature=t, top_p=p, top_k=int(k), seed=sd))
-        for (u, s, st, n, sm, sd), (t, p, k) in zip(ints, floats)
-    ]
-
-
-class StageRunner:
-    """One stage's module, its shard of the rolling KV cache, and (last stage) the sampler."""
-
-    def __init__(self, args: ModelArgs, module: StageModule, cfg: InferenceConfig, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.args, self.module, self.cfg, self.device = args, module.eval(), cfg, device
-        n_slots = cfg.microbatches * cfg.batch_size
-        use_graphs = cfg.cuda_graphs and device.type == "cuda" and not args.is_moe  # MoE routing syncs the host
-        self.cache = RollingKVCache(list(module.spec.layers), n_slots + int(use_graphs), cfg.cache_len,
-                                    args.n_kv_heads, args.head_dim, dtype, device)
-        self.sampler = Sampler(device) if module.spec.has_head else None
-        self.clock = _BusyClock(device)
-        self.graphs = None
-        if use_graphs:
-            from pp_runtime.decode_graphs import DecodeGraphs
-
-            self.graphs = DecodeGraphs(self.module, self.cache, n_slots, cfg.batch_size, cfg.cache_len, self._meta)
-
-    def _meta(self, chunks: list[SeqChunk], device, min_read_len: int = 0):
-        return build_inference_meta(
-            chunks, capacity=self.cfg.cache_len, window=self.args.sliding_window, head_dim=self.args.head_dim,
-            rope_theta=self.args.rope_theta, n_kv_groups=self.args.n_heads // self.args.n_kv_heads,
-            device=device, min_read_len=min_read_len,
-        )
-
-    def forward(self, x: torch.Tensor, chunks: Sequence[StepChunk | SeqChunk]) -> torch.Tensor:
-        seqs = [SeqChunk(c.slot, c.start, c.n_tokens) for c in chunks]
-        with torch.inference_mode():
-            if self.graphs is not None and all(c.n_tokens == 1 for c in seqs):
-                return self.graphs.run(x, seqs)
-            return self.module(x, self._meta(seqs, self.device), self.cache, logits="last")
-
-    def sample(self, logits: torch.Tensor, chunks: Sequence[StepChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.sampler is not None
-        positions = [c.start + c.n_tokens for c in chunks]  # the position the sampled token will take
-        return self.sampler.sample(logits, [c.uid for c in chunks], positions, [c.sampling for c in chunks])
+            f"overall {(self.prompt_tokens + self.generated_tokens) / max(self.wall_s, 1e-9):,.1f} tok/s",
+            f"busy: {busy}",
+        ]
+        if any(self.graphs):
+            lines.append("cuda graphs: " + "; ".join(f"stage {i}: {g}" for i, g in enumerate(self.graphs)))
+        return "\n".join(lines)
 
 
 def _checked_requests(requests: Iterator[Request], args: ModelArgs, capacity: int) -> Iterator[Request]:
@@ -198,53 +111,77 @@ def run_pipeline(
 
     Completions go to `on_complete` as they finish; without it the first stage returns them
     (in finishing order). Every rank returns the run's statistics."""
-    link = PeerLink(ctx.device, ctx.pp_group)
-    runner.clock = _BusyClock(ctx.device)
+    channels = None
+    capacity = runner.capacity
+    if ctx.pp_size > 1:
+        groups = pipe_groups(ctx)
+        channels = StageChannels(
+            groups, ctx.prev if not ctx.is_first else None, ctx.next if not ctx.is_last else None,
+            ctx.first, ctx.last, runner.cfg.batch_size + 1,
+        )
+        cap = torch.tensor([capacity], dtype=torch.int64)
+        dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=groups.control)  # stages may size rings apart
+        capacity = int(cap)
+    runner.reset_clock()
     t0 = time.perf_counter()
     stats = RunStats()
     try:
         if ctx.is_first:
-            completions = _drive(ctx, runner, link, requests or iter(()), eos_id, on_complete, stats)
+            completions = _drive(runner, channels, requests or iter(()), eos_id, on_complete, stats, capacity)
         else:
             completions = []
-            _serve(ctx, runner, link)
+            _serve(runner, channels, ctx.is_last)
     finally:
-        link.flush()
+        if channels is not None:
+            channels.flush()
     loop_s = time.perf_counter() - t0
-    busy = runner.clock.total()
+    busy = runner.busy_seconds()
     stats.wall_s = loop_s
+    mine = (busy, loop_s, runner.graph_summary())
     if ctx.pp_size > 1:
-        import torch.distributed as dist
-
         gathered: list = [None] * ctx.pp_size
-        dist.all_gather_object(gathered, (busy, loop_s), group=ctx.pp_group)
-        stats.busy_s, stats.loop_s = [g[0] for g in gathered], [g[1] for g in gathered]
+        dist.all_gather_object(gathered, mine, group=pipe_groups(ctx).control)
     else:
-        stats.busy_s, stats.loop_s = [busy], [loop_s]
+        gathered = [mine]
+    stats.busy_s, stats.loop_s, stats.graphs = ([g[i] for g in gathered] for i in range(3))
     return completions, stats
 
 
-def _drive(ctx, runner: StageRunner, link: PeerLink, requests, eos_id, on_complete, stats: RunStats):
+@dataclass
+class _InFlight:
+    mb: MicroBatch
+    results: torch.Tensor  # [rows, 3] float64: token id, logprob, finite; on the device until read
+    ready: object  # a Work (received from the last stage) or a CUDA event (one stage); None on CPU
+
+
+def _drive(runner: StageRunner, channels: Optional[StageChannels], requests, eos_id, on_complete,
+           stats: RunStats, capacity: int) -> list[Completion]:
     cfg = runner.cfg
     sched = StepScheduler(
         SchedulerConfig(cfg.microbatches * cfg.batch_size, cfg.batch_size, cfg.max_batch_tokens, cfg.chunk_size),
-        _checked_requests(requests, runner.args, cfg.cache_len), eos_id,
+        _checked_requests(requests, runner.args, capacity), eos_id,
     )
-    inflight: deque[MicroBatch] = deque()
+    inflight: deque[_InFlight] = deque()
     completions: list[Completion] = []
     last_t = time.perf_counter()
 
-    def finish(mb: MicroBatch, tokens: list[int], logprobs: list[float]) -> None:
+    def finish(item: _InFlight) -> None:
         nonlocal last_t
+        if isinstance(item.ready, dist.Work):
+            item.ready.wait()
+        elif item.ready is not None:
+            item.ready.synchronize()
+        n = len(item.mb.chunks)
+        ids, lps, finite = item.results[:n].cpu().T.tolist()
         now = time.perf_counter()
-        if any(c.prefill for c in mb.chunks):
+        if any(c.prefill for c in item.mb.chunks):
             stats.prefill_s += now - last_t
         else:
             stats.decode_s += now - last_t
-            stats.decode_tokens += len(mb.chunks)
+            stats.decode_tokens += n
             stats.decode_steps += 1
         last_t = now
-        for comp in sched.complete(mb, tokens, logprobs):
+        for comp in sched.complete(item.mb, [int(t) for t in ids], lps, [f > 0 for f in finite]):
             stats.prompts += 1
             stats.prompt_tokens += len(comp.request.prompt_tokens)
             stats.generated_tokens += len(comp.tokens)
@@ -259,50 +196,52 @@ def _drive(ctx, runner: StageRunner, link: PeerLink, requests, eos_id, on_comple
                 mb = sched.next_microbatch()
                 if mb is None:
                     break
-                tokens = torch.tensor([t for c in mb.chunks for t in c.tokens], dtype=torch.long).to(ctx.device)
-                chunks = [StepChunk.of(c) for c in mb.chunks]
-                tok = runner.clock.start()
-                out = runner.forward(tokens, chunks)
-                if ctx.pp_size == 1:
-                    ids, lps = runner.sample(out, chunks)
-                    runner.clock.stop(tok)
-                    finish(mb, ids.tolist(), lps.tolist())
+                tokens = [t for c in mb.chunks for t in c.tokens]
+                chunks = tuple(StepChunk(c.uid, c.slot, c.start, len(c.tokens), c.sample, c.sampling)
+                               for c in mb.chunks)
+                step = Step(KIND_DATA, chunks, runner.bucket_for(len(tokens)))
+                if channels is None:
+                    results = runner.run(step, tokens=tokens)
+                    inflight.append(_InFlight(mb, *runner.results_to_host(results)))
                     continue
-                runner.clock.stop(tok)
-                link.send(ctx.next, KIND_DATA, [_encode_chunks(chunks).to(ctx.device), out])
-                inflight.append(mb)
+                channels.send_table(step.to_table(cfg.batch_size))
+                out = runner.run(step, tokens=tokens)
+                channels.send_activations(out)
+                buf = runner.results_buffer(step)
+                inflight.append(_InFlight(mb, buf, channels.recv_results(buf)))
             if not inflight:
                 if sched.done:
                     break
                 continue
-            msg = link.recv(ctx.last)
-            finish(inflight.popleft(), msg.tensors[0].tolist(), msg.tensors[1].tolist())
+            finish(inflight.popleft())
     except PPRuntimeError as e:
-        if ctx.pp_size > 1:
-            link.send(ctx.next, KIND_ABORT, [encode_text(str(e)).to(ctx.device)])
+        if channels is not None:
+            text = encode_text(str(e))
+            channels.send_table(Step(KIND_ABORT, (), text_len=text.numel()).to_table(cfg.batch_size), text)
         raise
-    if ctx.pp_size > 1:
-        link.send(ctx.next, KIND_STOP)
+    if channels is not None:
+        channels.send_table(Step(KIND_STOP, ()).to_table(cfg.batch_size))
     return completions
 
 
-def _serve(ctx, runner: StageRunner, link: PeerLink) -> None:
+def _serve(runner: StageRunner, channels: StageChannels, is_last: bool) -> None:
     while True:
-        msg = link.recv(ctx.prev)
-        if msg.kind in (KIND_STOP, KIND_ABORT):
-            if not ctx.is_last:
-                link.send(ctx.next, msg.kind, msg.tensors)
-            if msg.kind == KIND_ABORT:
-                raise PPRuntimeError(decode_text(msg.tensors[0]))
+        table = channels.recv_table()
+        step = Step.from_table(table)
+        if step.kind != KIND_DATA:
+            text = channels.recv_text(step.text_len) if step.kind == KIND_ABORT else None
+            if not is_last:
+                channels.send_table(table, text)
+            if text is not None:
+                raise PPRuntimeError(decode_text(text))
             return
-        table, x = msg.tensors
-        chunks = _decode_chunks(table)
-        tok = runner.clock.start()
-        out = runner.forward(x, chunks)
-        if ctx.is_last:
-            ids, lps = runner.sample(out, chunks)
-            runner.clock.stop(tok)
-            link.send(ctx.first, KIND_DATA, [ids, lps.float()])
+        if not is_last:
+            channels.send_table(table)  # the next stage prepares while this one computes
+        buf = runner.input_buffer(step)
+        work = channels.recv_activations(buf)
+        work.wait()  # on GPU the compute stream waits, not the host
+        out = runner.run(step, x=buf)
+        if is_last:
+            channels.send_results(out)
         else:
-            runner.clock.stop(tok)
-            link.send(ctx.next, KIND_DATA, [table, out])
+            channels.send_activations(out)

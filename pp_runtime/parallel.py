@@ -106,11 +106,27 @@ def init_parallel(stages: Optional[int] = None, data_parallel: int = 1, device: 
     )
 
 
+_PIPE_GROUPS: dict[tuple[int, int], Any] = {}  # (dp, pp) -> this rank's PipeGroups, until shutdown
+
+
+def pipe_groups(ctx: ParallelContext):
+    """The generation pipeline's groups (pp_runtime.comm.PipeGroups), made once per process group
+    layout; collective the first time (every rank of the world calls it at the same point)."""
+    key = (ctx.dp_size, ctx.pp_size)
+    if key not in _PIPE_GROUPS:
+        from pp_runtime.comm import make_pipe_groups
+
+        replicas = [[d * ctx.pp_size + i for i in range(ctx.pp_size)] for d in range(ctx.dp_size)]
+        _PIPE_GROUPS[key] = make_pipe_groups(replicas, ctx.rank)
+    return _PIPE_GROUPS[key]
+
+
 def shutdown() -> None:
     """Tear down the process groups once every rank got here.
 
     The barrier matters: a gloo rank that destroys its group while a peer is still finishing its
     last collective can abort the process ("terminate called without an active exception")."""
+    _PIPE_GROUPS.clear()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

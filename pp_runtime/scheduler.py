@@ -30,7 +30,7 @@ class Completion:
     request: Request
     tokens: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS), "length", or "error" (the model produced non-finite logits)
 
 
 @dataclass
@@ -132,23 +132,33 @@ class StepScheduler:
         return ChunkPlan(s.request.uid, s.slot, start, tokens, s.fed >= s.prompt_len, s.request.sampling,
                          prefill=start < s.prompt_len)
 
-    def complete(self, mb: MicroBatch, tokens: list[int], logprobs: list[float]) -> list[Completion]:
-        """Record the sampled tokens of a micro-batch that came back; return finished sequences."""
+    def complete(self, mb: MicroBatch, tokens: list[int], logprobs: list[float],
+                 finite: Optional[list[bool]] = None) -> list[Completion]:
+        """Record the sampled tokens of a micro-batch that came back; return finished sequences.
+
+        A sequence whose logits were not finite stops with finish_reason "error" and keeps only the
+        tokens sampled before: nothing sampled from NaN reaches the user."""
         finished = []
-        for ch, tok, lp in zip(mb.chunks, tokens, logprobs):
+        for i, (ch, tok, lp) in enumerate(zip(mb.chunks, tokens, logprobs)):
             s = self._active[ch.uid]
             s.in_flight = False
-            if not ch.sample:
+            if finite is not None and not finite[i]:
+                reason: Optional[str] = "error"
+            elif not ch.sample:
                 continue
-            s.generated.append(int(tok))
-            s.logprobs.append(float(lp))
-            reason = None
-            if self.eos_id is not None and tok == self.eos_id:
-                reason = "stop"
-            elif len(s.generated) >= s.request.max_new_tokens:
-                reason = "length"
+            else:
+                s.generated.append(int(tok))
+                s.logprobs.append(float(lp))
+                reason = self._finish_reason(s, int(tok))
             if reason:
                 del self._active[ch.uid]
                 self._free_slots.append(s.slot)
                 finished.append(Completion(s.request, s.generated, s.logprobs, reason))
         return finished
+
+    def _finish_reason(self, s: _Seq, tok: int) -> Optional[str]:
+        if self.eos_id is not None and tok == self.eos_id:
+            return "stop"
+        if len(s.generated) >= s.request.max_new_tokens:
+            return "length"
+        return None
