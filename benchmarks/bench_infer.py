@@ -1,10 +1,17 @@
-"""Inference benchmarks on GPU: prefill and decode of one stage, pipelined decode, and the HF baseline.
+"""Inference on one GPU, ours and transformers' side by side in one run, as ratios.
 
-    python benchmarks/bench_infer.py single --ckpt DIR            # one GPU: floor, prefill, decode, HF
-    torchrun --nproc_per_node=2 benchmarks/bench_infer.py pipeline --ckpt DIR   # stages = world size
-    python benchmarks/bench_infer.py stage1 --ckpt DIR            # the same decode runs on one GPU
+    python benchmarks/bench_infer.py --ckpt DIR --prompts FILE.jsonl [--max-new 64] [--out results.json]
 
-Each prints one JSON object per measurement (prefixed `RESULT`).
+DIR is a Mistral-format checkpoint with its tokenizer.model (`python -m pp_runtime.random_checkpoint
+--preset mistral-7b --out DIR --device cuda --tokenizer tokenizer.model`); FILE comes from
+`benchmarks/make_prompts.py`. Measures, in this order (each side alone on the GPU):
+  device    copy bandwidth (bytes read + written) and bf16 matmul peak
+  ours      prefill 1x4096 and 8x1024 (one step each), decode B=1 and B=64 (128-token prompts,
+            128 new tokens), graph replay vs eager tokens
+  batch     `launch/batch_infer.py` over FILE (a subprocess: the real job, JSONL in and out)
+  peer      transformers `generate` with the static cache (compiled) at B=1 and B=64, a prefill
+            forward at 1x4096 and 8x1024, and `generate_batch` (continuous batching) over FILE
+Prints one `RESULT {json}` line per measurement and a table of ratios last.
 """
 
 from __future__ import annotations
@@ -13,21 +20,31 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from pp_runtime.attention_meta import SeqChunk  # noqa: E402
 from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
 from pp_runtime.parallel import init_parallel  # noqa: E402
 from pp_runtime.partition import plan_for  # noqa: E402
 from pp_runtime.runtime import ModelSource  # noqa: E402
 from pp_runtime.sampling import SamplingParams  # noqa: E402
 from pp_runtime.scheduler import Request  # noqa: E402
+from pp_runtime.step_table import KIND_DATA, Step, StepChunk  # noqa: E402
+from pp_runtime.tokenizer import Tokenizer  # noqa: E402
+
+RESULTS: dict[str, dict] = {}
+
+
+def emit(key: str, **kw) -> None:
+    RESULTS[key] = kw
+    print("RESULT " + json.dumps({"what": key, **kw}), flush=True)
 
 
 def sync() -> None:
@@ -35,153 +52,219 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def emit(**kw) -> None:
-    print("RESULT " + json.dumps(kw), flush=True)
+def timed(fn, reps: int) -> float:
+    """Median seconds of `fn` over `reps` runs after one warm-up, with CUDA events."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
-def copy_bandwidth(device) -> float:
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
+def device_ceilings(dev) -> tuple[float, float]:
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    sync()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t)  # bytes read + written per second
+    bw = 2 * x.numel() / timed(lambda: y.copy_(x), 10)
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    flops = 2 * 8192**3 / timed(lambda: a @ b, 10)
+    emit("device", copy_tb_s=round(bw / 1e12, 3), matmul_tflops=round(flops / 1e12, 1))
+    return bw, flops
 
 
-def requests(n: int, prompt_len: int, max_new: int, vocab: int, seed: int = 0) -> list[Request]:
+def random_requests(n: int, prompt_len: int, max_new: int, vocab: int, seed: int = 0) -> list[Request]:
     rng = random.Random(seed)
-    return [Request(i, i, "", [1] + [rng.randrange(3, vocab) for _ in range(prompt_len - 1)], max_new, SamplingParams())
-            for i in range(n)]
+    return [Request(i, i, "", [1] + [rng.randrange(3, vocab) for _ in range(prompt_len - 1)], max_new,
+                    SamplingParams()) for i in range(n)]
 
 
-def build(ckpt: str, ctx, dtype, cfg: InferenceConfig):
-    source = ModelSource.from_config({"path": ckpt})
-    spec = plan_for(source.args, ctx.pp_size).stages[ctx.pp_rank]
-    module = source.build_stage(spec, dtype, ctx.device)
-    return source.args, module, StageRunner(source.args, module, cfg.resolved(source.args, ctx.pp_size), ctx.device, dtype)
+def file_prompts(path: str, tok: Tokenizer) -> list[list[int]]:
+    return [tok.encode(json.loads(line)["prompt"], bos=True) for line in Path(path).read_text().splitlines()]
 
 
-def decode_run(ctx, args, module, dtype, batch: int, mbs: int, prompt_len: int, max_new: int, n_prompts: int,
-               graphs: bool = True):
-    cfg = InferenceConfig(microbatches=mbs, batch_size=batch, max_batch_tokens=max(4096, batch),
-                          cuda_graphs=graphs).resolved(args, ctx.pp_size)
-    runner = StageRunner(args, module, cfg, ctx.device, dtype)
-    reqs = iter(requests(n_prompts, prompt_len, max_new, args.vocab_size)) if ctx.is_first else None
-    run_pipeline(ctx, runner, iter(requests(mbs * batch, 16, 4, args.vocab_size, 1)) if ctx.is_first else None)  # warm-up
-    sync()
-    comps, stats = run_pipeline(ctx, runner, reqs)
-    del runner
-    sync()
-    return comps, stats
+def stage_flops_per_token(args, n_params: int, context: int) -> float:
+    """Forward FLOPs: 2 x parameters (embedding excluded) + 4 x layers x heads x head_dim x keys attended."""
+    return 2 * (n_params - args.vocab_size * args.dim) + 4 * args.n_layers * args.n_heads * args.head_dim * context
 
 
-def cmd_single(a) -> None:
-    ctx = init_parallel(device="auto")
-    dtype = torch.bfloat16
-    t = time.perf_counter()
-    args, module, runner = build(a.ckpt, ctx, dtype, InferenceConfig(microbatches=1, batch_size=8))
-    sync()
-    load_s = time.perf_counter() - t
+def ours(a, dev, bw: float, peak: float) -> None:
+    ctx = init_parallel(device="cuda" if dev.type == "cuda" else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    source = ModelSource.from_config({"path": a.ckpt})
+    args = source.args
+    module = source.build_stage(plan_for(args, 1).stages[0], dtype, dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    bw = copy_bandwidth(ctx.device) if ctx.device.type == "cuda" else 1e12
-    emit(what="load", seconds=round(load_s, 1), weight_gb=round(weight_bytes / 1e9, 2),
-         copy_tb_s=round(bw / 1e12, 2), decode_floor_ms=round(1e3 * weight_bytes / (bw / 2), 2))
-    # prefill: one forward over packed chunks, timed after warm-up
-    for rows, length in ((1, 4096), (8, 1024)):
-        chunks = [SeqChunk(slot=i, start=0, n_tokens=length) for i in range(rows)]
-        x = torch.randint(3, args.vocab_size, (rows * length,), device=ctx.device)
-        for _ in range(2):
-            runner.forward(x, chunks)
-        sync()
-        t = time.perf_counter()
-        n = 5
-        for _ in range(n):
-            runner.forward(x, chunks)
-        sync()
-        dt = (time.perf_counter() - t) / n
-        emit(what="prefill", rows=rows, length=length, tok_s=round(rows * length / dt), ms=round(1e3 * dt, 1))
+    n_params = sum(p.numel() for p in module.parameters())
+    emit("weights", gb=round(weight_bytes / 1e9, 2), decode_floor_ms=round(1e3 * weight_bytes / (bw / 2), 3))
+
+    # prefill: one step of one 4096-token chunk, and of 8 packed 1024-token chunks (fresh sequences)
+    cfg = InferenceConfig(microbatches=1, batch_size=8, max_batch_tokens=8192, chunk_size=4096).resolved(args, 1)
+    runner = StageRunner(args, module, cfg, dev, dtype)
+    for rows, length in ((1, a.prefill_len), (8, a.prefill_len // 4)):
+        chunks = tuple(StepChunk(i, i, 0, length, True, SamplingParams()) for i in range(rows))
+        step = Step(KIND_DATA, chunks, runner.bucket_for(rows * length))
+        toks = [random.randrange(3, args.vocab_size) for _ in range(rows * length)]
+        dt = timed(lambda: runner.run(step, tokens=toks), 5)
+        tflops = rows * length * stage_flops_per_token(args, n_params, length / 2) / dt / 1e12
+        emit(f"ours_prefill_{rows}x{length}", ms=round(1e3 * dt, 2), tok_s=round(rows * length / dt),
+             tflops=round(tflops, 1), of_matmul_peak=round(tflops * 1e12 / peak, 3))
     del runner
-    for graphs in (False, True):
-        for batch in (1, 64):
-            _, st = decode_run(ctx, args, module, dtype, batch, 1, 128, 128, batch, graphs)
-            emit(what="decode", stages=1, batch=batch, cuda_graphs=graphs,
-                 ms_per_step=round(1e3 * st.decode_s / max(st.decode_steps, 1), 2),
-                 tok_s=round(st.decode_tokens / st.decode_s, 1))
+
+    def decode(batch: int, graphs: bool, prompt_len: int = 128, max_new: int = 128, n: int = 0):
+        cfg = InferenceConfig(microbatches=1, batch_size=batch, max_batch_tokens=max(4096, batch),
+                              cuda_graphs=graphs).resolved(args, 1)
+        runner = StageRunner(args, module, cfg, dev, dtype)
+        run_pipeline(ctx, runner, iter(random_requests(batch, 16, 4, args.vocab_size, 1)))  # capture, warm up
+        comps, st = run_pipeline(ctx, runner, iter(random_requests(n or batch, prompt_len, max_new, args.vocab_size)))
+        return comps, st, runner.graph_summary()
+
+    for batch in (1, 64):
+        _, st, graphs = decode(batch, True)
+        ms = 1e3 * st.decode_s / max(st.decode_steps, 1)
+        emit(f"ours_decode_b{batch}", ms_per_step=round(ms, 3), tok_s=round(batch * 1e3 / ms, 1),
+             busy=round(st.busy_fraction[0], 3), graphs=graphs)
+    eager, _, _ = decode(8, False, 300, 32)
+    graph, _, _ = decode(8, True, 300, 32)
+    same = sum(x.tokens == y.tokens for x, y in zip(sorted(eager, key=lambda c: c.request.uid),
+                                                   sorted(graph, key=lambda c: c.request.uid)))
+    emit("ours_graph_vs_eager", same_sequences=same, of=len(eager))
     del module
     sync()
-    hf_baseline(a, args, ctx.device)
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
 
 
-def hf_baseline(a, args, device) -> None:
-    """transformers' generate on the same shape, random weights, same GPU: the peer's per-step time."""
-    try:
-        from transformers import MistralConfig, MistralForCausalLM
-    except ImportError:
-        emit(what="hf", error="transformers not installed")
+def batch_job(a) -> None:
+    out = Path(a.workdir) / "batch_out.jsonl"
+    for p in (out, Path(str(out) + ".summary.json"), Path(str(out) + ".errors.jsonl")):
+        p.unlink(missing_ok=True)
+    cmd = [sys.executable, str(REPO / "launch" / "batch_infer.py"), f"model.path={a.ckpt}", f"input={a.prompts}",
+           f"output={out}", f"max_new_tokens={a.max_new}", "inference.batch_size=64", "progress=false"]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        emit("ours_batch", error=r.stderr[-2000:])
         return
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    emit("ours_batch", tok_s=summary["tokens_per_s"], generate_s=summary["generate_s"], wall_s=round(wall, 1),
+         prompt_tokens=summary["prompt_tokens"], generated_tokens=summary["generated_tokens"],
+         stdout_tail=r.stdout[-600:])
+
+
+def peer(a, dev) -> None:
+    try:
+        from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+    except ImportError as e:
+        emit("peer", error=f"transformers missing: {e}")
+        return
+    args = ModelSource.from_config({"path": a.ckpt}).args
     cfg = MistralConfig(hidden_size=args.dim, intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
                         num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
                         vocab_size=args.vocab_size, sliding_window=args.sliding_window, rope_theta=args.rope_theta,
                         max_position_embeddings=args.max_seq_len)
-    with torch.device(device):
-        model = MistralForCausalLM(cfg).to(torch.bfloat16).eval()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    with torch.device(dev):
+        model = MistralForCausalLM(cfg).to(dtype).eval()
+    for rows, length in ((1, a.prefill_len), (8, a.prefill_len // 4)):
+        ids = torch.randint(3, args.vocab_size, (rows, length), device=dev)
+        try:
+            with torch.inference_mode():
+                dt = timed(lambda: model(ids, logits_to_keep=1), 3)
+            emit(f"peer_prefill_{rows}x{length}", ms=round(1e3 * dt, 2), tok_s=round(rows * length / dt),
+                 note="8 separate rows, not packed" if rows > 1 else "")
+        except Exception as e:  # noqa: BLE001
+            emit(f"peer_prefill_{rows}x{length}", error=f"{type(e).__name__}: {e}"[:500])
     for batch in (1, 64):
-        ids = torch.randint(3, args.vocab_size, (batch, 128), device=device)
-        gen = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-        sync()
-        t = time.perf_counter()
-        model.generate(ids, **gen)
-        sync()
-        dt = time.perf_counter() - t
-        emit(what="hf_generate", batch=batch, ms_per_step=round(1e3 * dt / 128, 2), tok_s=round(batch * 128 / dt, 1),
-             note="includes the 128-token prefill")
+        ids = torch.randint(3, args.vocab_size, (batch, 128), device=dev)
+        kw = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
+        try:
+            with torch.inference_mode():
+                for _ in range(2):  # compiles on the first calls
+                    model.generate(ids, max_new_tokens=128, min_new_tokens=128, **kw)
+                one = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), 3)
+                full = timed(lambda: model.generate(ids, max_new_tokens=128, min_new_tokens=128, **kw), 3)
+            ms = 1e3 * (full - one) / 127
+            emit(f"peer_decode_b{batch}", ms_per_step=round(ms, 3), tok_s=round(batch * 1e3 / ms, 1),
+                 note="static cache, compiled; (generate 128 - generate 1) / 127")
+        except Exception as e:  # noqa: BLE001 - the peer's failure is a result to report, not ours
+            emit(f"peer_decode_b{batch}", error=f"{type(e).__name__}: {e}"[:500])
+    prompts = file_prompts(a.prompts, Tokenizer.from_dir(a.ckpt))
+    gen = GenerationConfig(max_new_tokens=a.max_new, do_sample=False, eos_token_id=2, pad_token_id=0)
+    try:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+            sync()
+            dt = time.perf_counter() - t
+        generated = sum(len(o.generated_tokens) for o in out.values())
+        p_tok = sum(len(p) for p in prompts)
+        emit("peer_batch", tok_s=round((p_tok + generated) / dt, 1), wall_s=round(dt, 1), prompt_tokens=p_tok,
+             generated_tokens=generated, note="generate_batch, warm-up and capture included")
+    except Exception as e:  # noqa: BLE001
+        emit("peer_batch", error=f"{type(e).__name__}: {e}"[:500])
 
 
-def cmd_decode(a, stages_label: str) -> None:
-    """Decode throughput per micro-batch batch size; first rank reports. Also a float32 greedy dump."""
-    ctx = init_parallel(device="auto")
-    dtype = torch.bfloat16
-    args, module, _ = build(a.ckpt, ctx, dtype, InferenceConfig(microbatches=1, batch_size=1))
-    mbs = a.microbatches or ctx.pp_size
-    for batch in a.batches:
-        _, st = decode_run(ctx, args, module, dtype, batch, mbs, a.prompt_len, a.max_new, mbs * batch * a.waves,
-                           not a.eager)
-        if ctx.rank == 0:
-            emit(what="decode", stages=ctx.pp_size, microbatches=mbs, batch=batch, cuda_graphs=not a.eager,
-                 tok_s=round(st.decode_tokens / st.decode_s, 1),
-                 ms_per_step=round(1e3 * st.decode_s / max(st.decode_steps, 1), 2),
-                 busy=[round(b, 3) for b in st.busy_fraction], generated=st.generated_tokens, wall_s=round(st.wall_s, 2))
-    del module
-    sync()
-    if a.greedy_out:
-        _, module32, _ = build(a.ckpt, ctx, torch.float32, InferenceConfig(microbatches=1, batch_size=1))
-        comps, _ = decode_run(ctx, args, module32, torch.float32, 4, mbs, 300, 32, 8, not a.eager)
-        if ctx.rank == 0:
-            Path(a.greedy_out).write_text(json.dumps({c.request.uid: c.tokens for c in comps}, sort_keys=True))
-            emit(what="greedy_dump", stages=ctx.pp_size, path=a.greedy_out, n=len(comps))
+def table() -> str:
+    r = RESULTS.get
+    rows = []
+
+    def ratio(x, y, key, higher=True):
+        if x is None or y is None or key not in x or key not in y:
+            return "n/a"
+        return f"{(x[key] / y[key]) if higher else (y[key] / x[key]):.2f}x"
+
+    floor = (r("weights") or {}).get("decode_floor_ms")
+    for b in (1, 64):
+        o, p = r(f"ours_decode_b{b}"), r(f"peer_decode_b{b}")
+        rows.append((f"decode B={b} ms/step", o and o.get("ms_per_step"), p and p.get("ms_per_step"),
+                     ratio(o, p, "tok_s")))
+    if floor and r("ours_decode_b1"):
+        rows.append(("decode B=1 over floor", f"{r('ours_decode_b1')['ms_per_step'] / floor:.2f}x", f"floor {floor} ms", ""))
+    for k in [k for k in RESULTS if k.startswith("ours_prefill")]:
+        o, p = r(k), r(k.replace("ours", "peer"))
+        rows.append((f"prefill {k.split('_')[-1]} tok/s (of peak)", f"{o['tok_s']} ({100 * o['of_matmul_peak']:.0f}%)",
+                     p and p.get("tok_s"), ratio(o, p, "tok_s")))
+    o, p = r("ours_batch"), r("peer_batch")
+    rows.append(("batch file tok/s (prompt+generated)", o and o.get("tok_s"), p and p.get("tok_s"), ratio(o, p, "tok_s")))
+    if r("ours_graph_vs_eager"):
+        g = r("ours_graph_vs_eager")
+        rows.append(("graph == eager tokens", f"{g['same_sequences']}/{g['of']}", "", ""))
+    w = max(len(x[0]) for x in rows)
+    lines = [f"{'what':<{w}} | ours | peer | ours/peer"] + [f"{a:<{w}} | {b} | {c} | {d}" for a, b, c, d in rows]
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["single", "pipeline", "stage1"])
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--microbatches", type=int, default=0)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--max-new", type=int, default=128)
-    p.add_argument("--waves", type=int, default=1, help="prompts = microbatches x batch x waves")
-    p.add_argument("--greedy-out", default=None)
-    p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--max-new", type=int, default=64)
+    p.add_argument("--prefill-len", type=int, default=4096)
+    p.add_argument("--workdir", default="/tmp")
+    p.add_argument("--out", default=None, help="write every result as JSON here")
+    p.add_argument("--skip", nargs="*", default=[], choices=["ours", "batch", "peer"])
     a = p.parse_args()
-    if a.mode == "single":
-        cmd_single(a)
-    else:
-        cmd_decode(a, a.mode)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bw, peak = device_ceilings(dev) if dev.type == "cuda" else (1e11, 1e12)
+    for name, fn in (("ours", lambda: ours(a, dev, bw, peak)), ("batch", lambda: batch_job(a)),
+                     ("peer", lambda: peer(a, dev))):
+        if name not in a.skip:
+            fn()
+    if a.out:
+        Path(a.out).write_text(json.dumps(RESULTS, indent=1))
+    print(table(), flush=True)
     os._exit(0)
 
 

@@ -83,9 +83,9 @@ class RunStats:
         dc = self.decode_tokens / self.decode_s if self.decode_s else 0.0
         busy = ", ".join(f"stage {i}: {100 * f:.0f}%" for i, f in enumerate(self.busy_fraction))
         lines = [
-            f"{self.prompts} prompt(s) | {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated | "
-            f"wall {self.wall_s:.2f}s | prefill {pf:,.0f} tok/s | decode {dc:,.0f} tok/s | "
-            f"overall {(self.prompt_tokens + self.generated_tokens) / max(self.wall_s, 1e-9):,.1f} tok/s",
+            f"{self.prompts} prompt{'' if self.prompts == 1 else 's'} | {self.prompt_tokens} prompt tokens, "
+            f"{self.generated_tokens} generated | wall {self.wall_s:.2f}s | prefill {pf:,.0f} tok/s | "
+            f"decode {dc:,.0f} tok/s | overall {self.generated_tokens / max(self.wall_s, 1e-9):,.1f} generated tok/s",
             f"busy: {busy}",
         ]
         if any(self.graphs):

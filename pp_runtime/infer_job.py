@@ -51,7 +51,21 @@ def setup_inference(cfg: DictConfig) -> InferenceSetup:
         icfg = InferenceConfig(**cfg.inference).resolved(source.args, ctx.pp_size)
         return InferenceSetup(ctx, source, StageRunner(source.args, module, icfg, ctx.device, dtype), tokenizer)
 
-    return agree(ctx, build)
+    setup = agree(ctx, build)
+    _report_caches(ctx, setup.runner)
+    return setup
+
+
+def _report_caches(ctx: ParallelContext, runner: StageRunner) -> None:
+    """Rank 0 prints each stage's KV cache (slots x positions), as sized on its own device."""
+    line = f"stage {ctx.pp_rank}: {runner.describe_cache()}"
+    lines = [line]
+    if ctx.distributed:
+        lines = [None] * ctx.world_size
+        dist.all_gather_object(lines, line)
+        lines = lines[: ctx.pp_size]  # replicas repeat the same layout
+    if ctx.rank == 0:
+        print("kv cache: " + "; ".join(lines), flush=True)
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:

@@ -31,6 +31,7 @@ def write_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     tokenizer: Optional[str | Path] = None,
+    device: str = "cpu",
 ) -> Path:
     """params.json + consolidated.safetensors (+ tokenizer.model) with random weights; returns the folder."""
     out = Path(out)
@@ -46,7 +47,7 @@ def write_random_checkpoint(
     write_safetensors_streaming(
         out / "consolidated.safetensors",
         [(name, shape, dtype) for name, shape in shapes.items()],
-        lambda name: random_tensor(name, shapes[name], seed, dtype),
+        lambda name: random_tensor(name, shapes[name], seed, dtype, device).cpu(),
     )
     (out / "params.json").write_text(json.dumps(args.to_params_json(), indent=2))
     return out
@@ -61,6 +62,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to copy into the folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
+    p.add_argument("--device", default="cpu",
+                   help="draw the weights here (cuda: seconds for 7B; other numbers than the cpu default)")
     return p.parse_args(argv)
 
 
@@ -72,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise PPRuntimeError(
                 f"{ns.out} already holds a checkpoint; pass --force to overwrite it or pick another --out"
             )
-        out = write_random_checkpoint(ns.out, args, ns.seed, DTYPES[ns.dtype], ns.tokenizer)
+        out = write_random_checkpoint(ns.out, args, ns.seed, DTYPES[ns.dtype], ns.tokenizer, ns.device)
     except PPRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
