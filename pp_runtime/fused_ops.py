@@ -4,7 +4,8 @@ Eagerly each is a chain of small kernels (RMSNorm alone is about seven), and at 
 their launch cost exceeds the time to read a layer's weights, even inside a CUDA graph. Each op
 here is one Triton kernel computing what pp_runtime.model computes. Off CUDA they run the same
 math in plain torch, so CPU runs never need Triton; with TRITON_INTERPRET=1 the kernels run on
-CPU tensors through Triton's interpreter (for tests).
+CPU tensors through Triton's interpreter (for tests). The kernels have no backward, so whenever
+autograd needs a gradient (fine-tuning) the wrappers take the torch path too.
 
 The kernels launch on grids fixed by shapes, never read values on the host and allocate only
 shape-dependent outputs, so they can be captured in a CUDA graph (after one warm-up call that
@@ -26,8 +27,13 @@ MAX_NORM_DIM = 16384  # one row lives in one block of registers
 _SILU_BLOCK = 1024
 
 
-def _triton_path(x: torch.Tensor) -> bool:
-    """Kernels run for CUDA tensors (or any tensor under Triton's interpreter) of a dtype they compute in fp32."""
+def _triton_path(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Kernels run for CUDA tensors (or any tensor under Triton's interpreter) of a dtype they compute in fp32.
+
+    They have no backward: when autograd needs a gradient the differentiable torch path runs instead.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
+        return False
     return x.dtype in KERNEL_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -57,7 +63,7 @@ def add_rms_norm(
     normalized row is cast to x.dtype before the weight multiply. x: [..., dim] with unit stride
     in the last dim; residual: same shape and dtype; weight: [dim], x.dtype.
     """
-    if not _triton_path(x):
+    if not _triton_path(x, residual, weight):
         return _add_rms_norm_torch(x, residual, weight, eps)
     dim = x.shape[-1]
     if x.stride(-1) != 1:
@@ -115,7 +121,7 @@ def rope_qk_(
     stride in the last dim. Tables from rope_tables(); positions must be < their length (not
     checked: that would need a host sync).
     """
-    if not _triton_path(q):
+    if not _triton_path(q, k):
         _rope_qk_torch(q, k, positions, cos_table, sin_table)
         return
     t, n_q, d = q.shape

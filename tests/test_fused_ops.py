@@ -185,6 +185,26 @@ def test_rope_tables_rows_equal_rope_angles():
     assert torch.equal(cos_t[positions], cos) and torch.equal(sin_t[positions], sin)
 
 
+def test_autograd_takes_the_differentiable_path(monkeypatch):
+    """Kernels have no backward: with a gradient needed the wrappers must run torch, whatever the device."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused_ops, "_kernels", _no_fallback)
+    norm = RMSNorm(32, EPS)
+    norm.weight.data.normal_()
+    x = torch.randn(3, 32, requires_grad=True)
+    residual = torch.randn(3, 32)
+    normed, h = fused_ops.add_rms_norm(x, residual, norm.weight, EPS)
+    (normed.square().sum() + h.sum()).backward()
+    grads = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    h_ref = x + residual
+    (norm(h_ref).square().sum() + h_ref.sum()).backward()
+    assert torch.allclose(grads[0], x.grad) and torch.allclose(grads[1], norm.weight.grad)
+    gate_up = torch.randn(2, 16, requires_grad=True)
+    fused_ops.silu_mul(gate_up).sum().backward()
+    assert gate_up.grad is not None
+
+
 def test_kernel_paths_reject_bad_layouts(monkeypatch):
     """Shape and layout errors are caught before any launch (no Triton needed to see them)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
