@@ -23,7 +23,7 @@ from pp_runtime.kv_cache import RollingKVCache
 from pp_runtime.model import StageModule
 from pp_runtime.parallel import ParallelContext
 from pp_runtime.prompts import check_request, token_limit
-from pp_runtime.sampling import Sampler, SamplingParams
+from pp_runtime.sampling import SamplingBatch, SamplingParams, sample_tokens
 from pp_runtime.scheduler import ChunkPlan, Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
 
 
@@ -143,7 +143,7 @@ def _decode_chunks(table: torch.Tensor) -> list[StepChunk]:
 
 
 class StageRunner:
-    """One stage's module, its shard of the rolling KV cache, and (last stage) the sampler."""
+    """One stage's module and its shard of the rolling KV cache; the last stage also samples."""
 
     def __init__(self, args: ModelArgs, module: StageModule, cfg: InferenceConfig, device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -152,7 +152,6 @@ class StageRunner:
         use_graphs = cfg.cuda_graphs and device.type == "cuda" and not args.is_moe  # MoE routing syncs the host
         self.cache = RollingKVCache(list(module.spec.layers), n_slots + int(use_graphs), cfg.cache_len,
                                     args.n_kv_heads, args.head_dim, dtype, device)
-        self.sampler = Sampler(device) if module.spec.has_head else None
         self.clock = _BusyClock(device)
         self.graphs = None
         if use_graphs:
@@ -175,9 +174,12 @@ class StageRunner:
             return self.module(x, self._meta(seqs, self.device), self.cache, logits="last")
 
     def sample(self, logits: torch.Tensor, chunks: Sequence[StepChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.sampler is not None
+        assert self.module.spec.has_head
         positions = [c.start + c.n_tokens for c in chunks]  # the position the sampled token will take
-        return self.sampler.sample(logits, [c.uid for c in chunks], positions, [c.sampling for c in chunks])
+        params = [c.sampling for c in chunks]
+        batch = SamplingBatch.build(params, [c.uid for c in chunks], positions, logits.device)
+        ids, logprobs, _ = sample_tokens(logits, batch, greedy_only=all(p.temperature == 0 for p in params))
+        return ids, logprobs
 
 
 def _checked_requests(requests: Iterator[Request], args: ModelArgs, capacity: int) -> Iterator[Request]:
