@@ -1,13 +1,23 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a reproducible stream per sequence."""
+"""Token sampling: greedy, temperature, top-k, top-p, as one fixed-shape tensor program.
+
+`sample_tokens` has no per-row Python, no host sync and no data-dependent shapes, so a whole
+decode step (sampling included) can be replayed as a CUDA graph. Its randomness is a counter-based
+hash of (seed, sequence uid, position, token id): a token's draw does not depend on the batch it
+is in, on padding, on the device or on the number of pipeline stages, and no random state has to
+live on the sampling stage."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import math
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Any, Optional, Sequence
 
 import torch
 
 from pp_runtime.errors import ConfigError
+
+_INT64_MIN, _INT64_END = -(2**63), 2**63
 
 
 @dataclass(frozen=True)
@@ -18,50 +28,197 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError(f"sampling.top_k={self.top_k} must be >= 0 (0 disables it)")
+        _check(self.temperature, self.top_p, self.top_k, self.seed, "sampling")
+
+    @classmethod
+    def parse(cls, temperature: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0, seed: Any = 0,
+              where: str = "sampling") -> "SamplingParams":
+        """Build from loosely typed values (config strings, JSON numbers); a bad value is a
+        ConfigError naming `where.field`, never a raw TypeError/ValueError."""
+        t = _as_number(temperature, f"{where}.temperature")
+        p = _as_number(top_p, f"{where}.top_p")
+        k = _as_integer(top_k, f"{where}.top_k")
+        s = _as_integer(seed, f"{where}.seed")
+        _check(t, p, k, s, where)
+        return cls(t, p, k, s)
 
 
-class Sampler:
-    """Samples one token per sequence. The random stream is a pure function of (seed, sequence
-    uid, position), so results do not depend on batching or on the number of stages, and no
-    per-sequence state has to live on the sampling stage."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._gen = torch.Generator(device=device)
-
-    def sample(
-        self,
-        logits: torch.Tensor,
-        uids: Sequence[int],
-        positions: Sequence[int],
-        params: Sequence[SamplingParams],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] float -> (token ids [B], logprob of each chosen token under the model [B])."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        tokens = torch.argmax(logits, dim=-1)
-        for i, (uid, pos, p) in enumerate(zip(uids, positions, params)):
-            if p.temperature > 0:
-                self._gen.manual_seed(hash((p.seed, uid, pos)) % (2**63 - 1))
-                tokens[i] = _sample_row(logits[i].float(), p, self._gen)
-        return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+def _check(temperature: Any, top_p: Any, top_k: Any, seed: Any, where: str) -> None:
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, Real) or isinstance(value, bool):
+            raise ConfigError(f"{where}.{name}={value!r} must be a number")
+    for name, value in (("top_k", top_k), ("seed", seed)):
+        if not isinstance(value, Integral) or isinstance(value, bool):
+            raise ConfigError(f"{where}.{name}={value!r} must be an integer")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"{where}.temperature={temperature} must be a finite number >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:  # also false for nan
+        raise ConfigError(f"{where}.top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+        raise ConfigError(f"{where}.top_k={top_k} must be >= 0 (0 disables it)")
+    if not _INT64_MIN <= seed < _INT64_END:
+        raise ConfigError(f"{where}.seed={seed} must fit in a signed 64-bit integer")
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    scaled = logits / p.temperature
-    if p.top_k > 0 and p.top_k < scaled.numel():
-        kth = torch.topk(scaled, p.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, 0)
-        drop = (cum - sorted_p) > p.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen)[0]
+def _as_number(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} must be a number") from None
+
+
+def _as_integer(value: Any, name: str) -> int:
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass  # maybe "3.0"
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer():  # nan, inf and fractions alike
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    return int(number)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row settings on the device
+
+_INT_FIELDS = ("top_k", "seed", "uid", "position")  # int64 rows of the packed buffer, in order
+_FLOAT_FIELDS = ("temperature", "top_p")  # then float32 rows
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings as device tensors of one fixed shape [B]. All fields are views of
+    one byte buffer, so `fill_` refreshes them with a single host-to-device copy (graph replay)."""
+
+    temperature: torch.Tensor  # float32; 0 = greedy
+    top_p: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64; 0 = no limit
+    seed: torch.Tensor  # int64
+    uid: torch.Tensor  # int64
+    position: torch.Tensor  # int64: the position the sampled token will take
+    storage: torch.Tensor = field(repr=False)  # uint8: the packed bytes every field above views
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], uids: Sequence[int], positions: Sequence[int],
+              device: torch.device, pad_to: Optional[int] = None) -> "SamplingBatch":
+        """Rows past len(params) up to `pad_to` are greedy padding."""
+        n = len(params) if pad_to is None else pad_to
+        storage = torch.empty(n * (8 * len(_INT_FIELDS) + 4 * len(_FLOAT_FIELDS)), dtype=torch.uint8,
+                              device=device)
+        ints = storage[: 8 * len(_INT_FIELDS) * n].view(torch.int64).view(len(_INT_FIELDS), n)
+        floats = storage[8 * len(_INT_FIELDS) * n:].view(torch.float32).view(len(_FLOAT_FIELDS), n)
+        views = dict(zip(_INT_FIELDS, ints.unbind(0))) | dict(zip(_FLOAT_FIELDS, floats.unbind(0)))
+        batch = cls(storage=storage, **views)
+        batch.fill_(params, uids, positions)
+        return batch
+
+    def __len__(self) -> int:
+        return self.uid.shape[0]
+
+    def fill_(self, params: Sequence[SamplingParams], uids: Sequence[int], positions: Sequence[int]) -> None:
+        """Overwrite the rows in place (padding the rest): the buffers keep their addresses."""
+        n, size = len(params), len(self)
+        if not n == len(uids) == len(positions) or n > size:
+            raise ValueError(f"{n} params, {len(uids)} uids, {len(positions)} positions for {size} rows")
+        ints = torch.zeros(len(_INT_FIELDS), size, dtype=torch.int64)
+        ints[:, :n] = torch.tensor([[p.top_k for p in params], [p.seed for p in params], list(uids),
+                                    list(positions)], dtype=torch.int64).view(len(_INT_FIELDS), n)
+        floats = torch.zeros(len(_FLOAT_FIELDS), size, dtype=torch.float32)
+        floats[1] = 1.0  # padding: greedy, no top-p
+        floats[:, :n] = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]],
+                                     dtype=torch.float32).view(len(_FLOAT_FIELDS), n)
+        host = torch.cat([ints.view(-1).view(torch.uint8), floats.view(-1).view(torch.uint8)])
+        if self.storage.is_cuda:  # pinned + async: the caching host allocator keeps it alive until copied
+            host = host.pin_memory()
+        self.storage.copy_(host, non_blocking=self.storage.is_cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random numbers: splitmix64 in int64 tensors (multiplication wraps mod 2**64)
+
+
+def _signed(x: int) -> int:
+    return x - 2**64 if x >= 2**63 else x
+
+
+_GAMMA = _signed(0x9E3779B97F4A7C15)
+_MUL1 = _signed(0xBF58476D1CE4E5B9)
+_MUL2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function: a bijection of 64-bit words with full avalanche."""
+    z = (z ^ _shr(z, 30)) * _MUL1
+    z = (z ^ _shr(z, 27)) * _MUL2
+    return z ^ _shr(z, 31)
+
+
+def random_bits(seed: torch.Tensor, uid: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int64 [B, vocab]: 64 random bits per (row, token id), a pure function of the row's
+    (seed, uid, position) and the token id. Each row's key is absorbed input by input; token t gets
+    output t of the splitmix64 stream started at that key."""
+    key = torch.full_like(seed, _GAMMA)
+    for x in (seed, uid, position):
+        key = _mix64(key ^ _mix64(x + _GAMMA))
+    steps = (torch.arange(1, vocab + 1, dtype=torch.int64, device=seed.device) * _GAMMA)
+    return _mix64(key[:, None] + steps)
+
+
+def _gumbel(bits: torch.Tensor) -> torch.Tensor:
+    """float32 Gumbel(0, 1) noise from the top 23 bits: u = (2m + 1) / 2**24 is exact and in (0, 1)."""
+    u = (_shr(bits, 41) * 2 + 1).to(torch.float32) * 2.0**-24
+    return -torch.log(-torch.log(u))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_tokens(logits: torch.Tensor, batch: SamplingBatch, *,
+                  greedy_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (token ids int64 [B], logprob of each id under the unscaled model float32 [B],
+    whether the row's logits were all finite bool [B]). A non-finite row gets id 0 and touches no
+    other row. `greedy_only` (every row has temperature 0, known on the host) skips the filters."""
+    if logits.dim() != 2 or logits.shape[0] != len(batch):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for a sampling batch of {len(batch)} rows")
+    finite = torch.isfinite(logits).all(dim=-1)
+    ids = logits.argmax(dim=-1)
+    if not greedy_only:
+        ids = torch.where(batch.temperature > 0, _sample_filtered(logits, batch, finite), ids)
+    ids = torch.where(finite, ids, 0)
+    full = logits.float()
+    logprobs = full.gather(1, ids[:, None])[:, 0] - torch.logsumexp(full, dim=-1)
+    return ids, logprobs, finite
+
+
+def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch, finite: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max over the tokens that survive top-k and then top-p of softmax(logits / T)."""
+    vocab = logits.shape[-1]
+    x = torch.where(finite[:, None], logits.float(), 0.0)
+    x = x - x.amax(dim=-1, keepdim=True)  # max 0: no inf - inf however small T is
+    x = x / torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+    s = torch.sort(x, dim=-1, descending=True).values
+    k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=vocab), vocab)
+    kth = s.gather(1, (k - 1)[:, None])  # ties with the k-th value are kept
+    s = s.masked_fill(s < kth, float("-inf"))
+    probs = torch.softmax(s, dim=-1)
+    mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # monotone; 0 first
+    n_top_p = (mass_before <= batch.top_p[:, None]).sum(dim=-1)  # >= 1: the first token always stays
+    n_top_p = torch.where(batch.top_p >= 1, vocab, n_top_p)
+    threshold = torch.maximum(kth, s.gather(1, (n_top_p - 1)[:, None]))
+    noise = _gumbel(random_bits(batch.seed, batch.uid, batch.position, vocab))
+    score = torch.where(x >= threshold, x + noise, float("-inf"))
+    return score.argmax(dim=-1)

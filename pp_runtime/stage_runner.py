@@ -18,7 +18,7 @@ from pp_runtime.attention_meta import SeqChunk, build_inference_meta
 from pp_runtime.errors import ConfigError
 from pp_runtime.kv_cache import RollingKVCache
 from pp_runtime.model import StageModule
-from pp_runtime.sampling import Sampler
+from pp_runtime.sampling import SamplingBatch, sample_tokens
 from pp_runtime.step_table import Step, StepChunk
 
 if TYPE_CHECKING:
@@ -99,7 +99,6 @@ class StageRunner:
         self.cache = RollingKVCache(list(module.spec.layers), n_slots + int(fast), capacity, args.n_kv_heads,
                                     args.head_dim, dtype, device)
         self.clock = _BusyClock(device)
-        self.sampler = Sampler(device) if self.is_last else None
         self.fast = None
         if fast:
             from pp_runtime.fast_stage import FastStage
@@ -159,11 +158,9 @@ class StageRunner:
 
     def sample(self, logits: torch.Tensor, chunks: Sequence[StepChunk]) -> torch.Tensor:
         """[rows, 3] float64: sampled id, its logprob under the model, whether the row's logits were finite."""
-        assert self.sampler is not None
-        positions = [c.start + c.n_tokens for c in chunks]  # the position the sampled token will take
-        finite = torch.isfinite(logits).all(-1)
-        ids, lps = self.sampler.sample(torch.nan_to_num(logits), [c.uid for c in chunks], positions,
-                                       [c.sampling for c in chunks])
+        batch = SamplingBatch.build([c.sampling for c in chunks], [c.uid for c in chunks],
+                                    [c.start + c.n_tokens for c in chunks], logits.device)  # position to take
+        ids, lps, finite = sample_tokens(logits, batch, greedy_only=all(c.sampling.temperature == 0 for c in chunks))
         return torch.stack([ids.double(), lps.double(), finite.double()], dim=1)
 
     # ------------------------------------------------------------------ accounting
