@@ -203,11 +203,13 @@ def peer(a, dev) -> None:
     prompts = file_prompts(a.prompts, Tokenizer.from_dir(a.ckpt))
     gen = GenerationConfig(max_new_tokens=a.max_new, do_sample=False, eos_token_id=2, pad_token_id=0)
     try:
-        with torch.inference_mode():
-            t = time.perf_counter()
-            out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
-            sync()
-            dt = time.perf_counter() - t
+        t = time.perf_counter()
+        out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+        sync()
+        dt = time.perf_counter() - t
+        failed = [k for k, o in out.items() if not o.generated_tokens]
+        if len(out) != len(prompts) or failed:
+            raise RuntimeError(f"{len(out)} results for {len(prompts)} prompts, {len(failed)} without tokens")
         generated = sum(len(o.generated_tokens) for o in out.values())
         p_tok = sum(len(p) for p in prompts)
         emit("peer_batch", tok_s=round((p_tok + generated) / dt, 1), wall_s=round(dt, 1), prompt_tokens=p_tok,

@@ -394,6 +394,7 @@ class ReplicaStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     generate_s: float = 0.0
+    stage_busy: list = field(default_factory=list)  # per stage: compute time over loop time
 
 
 def _broadcast(ctx, obj):
@@ -500,8 +501,9 @@ def run(cfg: DictConfig) -> int:
         results, errors = JsonlAppender(paths.part(ctx.dp_rank)), JsonlAppender(paths.error_part(ctx.dp_rank))
     t_gen = time.perf_counter()
     try:
-        run_pipeline(ctx, runner, requests() if ctx.is_first else None,
-                     tokenizer.eos_id if tokenizer is not None else None, on_complete=on_complete)
+        _, run_stats = run_pipeline(ctx, runner, requests() if ctx.is_first else None,
+                                    tokenizer.eos_id if tokenizer is not None else None, on_complete=on_complete)
+        stats.stage_busy = [round(f, 3) for f in run_stats.busy_fraction]
     finally:
         for f in (results, errors):
             if f is not None:
@@ -562,6 +564,7 @@ def _finish(cfg, ctx, paths: BatchPaths, progress: Progress, n_input: int, n_don
         "tokens_per_s": round((prompt_tokens + generated) / max(gen_s, 1e-9), 2),
         "replicas": ctx.dp_size,
         "stages": ctx.pp_size,
+        "stage_busy": [r.stage_busy for r in reps],
     }
     tmp = paths.summary.with_name(paths.summary.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

@@ -2,12 +2,13 @@
 
 A step's token count is padded to a bucket (a few sizes), and everything a step reads lives in
 fixed device buffers refilled by one host-to-device copy of int32 metadata (tokens, positions,
-last-token rows, the varlen plan) plus one of sampling settings. On GPU each (bucket, greedy)
-pair is captured once as a CUDA graph and replayed; padding tokens belong to no sequence, so
-attention gives them zeros and they write nothing into the cache.
+last-token rows, the varlen plan) plus one of sampling settings. On GPU each bucket (and on the last
+stage each of greedy / sampled) is captured once at start-up as a CUDA graph and replayed;
+padding tokens belong to no sequence, so attention gives them zeros and they write nothing into
+the cache.
 
 Graphs are captured with an empty plan (every sequence of length 0): capture and its warm-up
-runs then touch no cache entry, and the real step runs exactly once, by replay.
+runs then touch no cache entry, and every real step runs exactly once, by replay.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ class FastStage:
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.capture_s = 0.0
         self.n_graphs = 0
+        if graphs:  # all at start-up: a capture inside a run would stall the pipe for a fraction of a second
+            for tokens in self.bucket_sizes:
+                for greedy in ((True, False) if self.last else (True,)):
+                    b = self._bucket(tokens)
+                    b.graphs[greedy] = self._capture(b, greedy)
 
     # ------------------------------------------------------------------ shapes
     def bucket_for(self, n_tokens: int) -> int:
@@ -156,24 +162,21 @@ class FastStage:
         host = torch.from_numpy(self._host_meta(b, step, tokens))
         on_gpu = self.device.type == "cuda"
         b.meta.copy_(host.pin_memory() if on_gpu else host, non_blocking=on_gpu)
-        if self.sampling is not None:
+        if self.sampling is not None and not step.greedy_only:  # greedy graphs never read the settings
             self.sampling.fill_([c.sampling for c in step.chunks], [c.uid for c in step.chunks],
                                 [c.start + c.n_tokens for c in step.chunks])
         if x is not None and x is not b.x:
             b.x.copy_(x)
-        greedy = step.greedy_only
+        greedy = step.greedy_only or not self.last  # only the sampler differs between the two
         if not self.use_graphs:
             return self._forward(b, greedy)
-        if greedy not in b.graphs:
-            b.graphs[greedy] = self._capture(b, greedy)
         graph, out = b.graphs[greedy]
         graph.replay()
         return out.clone()  # the caller may send it while later steps replay into `out`
 
     def _capture(self, b: _Bucket, greedy: bool):
-        """Capture with an empty plan (no sequence: no cache reads or writes), then restore the step's."""
+        """Capture with an empty plan: no sequence, so no cache entry is read or written."""
         t0 = time.perf_counter()
-        real = b.meta.clone()
         empty = np.zeros(b.meta.numel(), dtype=np.int32)
         empty[2 * b.tokens + self.rows :] = b.layout.plan([], [], [])
         b.meta.copy_(torch.from_numpy(empty))
@@ -186,7 +189,6 @@ class FastStage:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._forward(b, greedy)
-        b.meta.copy_(real)
         torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
         self.n_graphs += 1
@@ -195,7 +197,7 @@ class FastStage:
     def graph_summary(self) -> str:
         if not self.use_graphs:
             return ""
-        return f"{self.n_graphs} graphs over {len(self.buckets)} buckets, captured in {self.capture_s:.1f}s"
+        return f"{self.n_graphs} graphs ({len(self.buckets)} token buckets) captured at start-up in {self.capture_s:.1f}s"
 
     # ------------------------------------------------------------------ the fused forward
     def _forward(self, b: _Bucket, greedy: bool) -> torch.Tensor:
