@@ -33,7 +33,7 @@ __all__ = ["InferenceConfig", "RunStats", "StageRunner", "run_pipeline"]
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    microbatches: int = 0  # in flight; 0 = number of stages
+    microbatches: int = 0  # in flight; 0 = stages + 1 (one more than the pipe holds: the host's turn hides)
     batch_size: int = 16  # sequences per micro-batch
     max_batch_tokens: int = 4096  # token budget per micro-batch (prefill chunks + decode tokens)
     chunk_size: int = 0  # longest prefill chunk; 0 = the sliding window
@@ -47,7 +47,7 @@ class InferenceConfig:
     def resolved(self, args: ModelArgs, n_stages: int) -> "InferenceConfig":
         capacity = self.cache_len or (args.sliding_window or args.max_seq_len)
         chunk = self.chunk_size or min(args.window, capacity)
-        cfg = dataclasses.replace(self, microbatches=self.microbatches or n_stages, chunk_size=chunk,
+        cfg = dataclasses.replace(self, microbatches=self.microbatches or n_stages + 1, chunk_size=chunk,
                                   cache_len=capacity,
                                   cache_from_memory=self.cache_len == 0 and args.sliding_window is None)
         for name in ("microbatches", "batch_size", "max_batch_tokens", "chunk_size", "cache_len"):

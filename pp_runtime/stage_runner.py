@@ -87,6 +87,7 @@ class StageRunner:
     def __init__(self, args: ModelArgs, module: StageModule, cfg: "InferenceConfig", device: torch.device,
                  dtype: torch.dtype) -> None:
         self.args, self.module, self.cfg, self.device, self.dtype = args, module.eval(), cfg, device, dtype
+        module.requires_grad_(False)  # generation never backpropagates: fused kernels, nothing saved
         self.is_last = module.spec.has_head
         fast = cfg.attention == "triton" or (cfg.attention == "auto" and device.type == "cuda")
         n_slots = cfg.microbatches * cfg.batch_size
@@ -103,8 +104,9 @@ class StageRunner:
         if fast:
             from pp_runtime.fast_stage import FastStage
 
-            self.fast = FastStage(args, self.module, self.cache, cfg, device, scratch_slot=n_slots,
-                                  graphs=cfg.cuda_graphs and device.type == "cuda")
+            with torch.inference_mode():  # graph capture happens here
+                self.fast = FastStage(args, self.module, self.cache, cfg, device, scratch_slot=n_slots,
+                                      graphs=cfg.cuda_graphs and device.type == "cuda")
 
     def describe_cache(self) -> str:
         gib = self.cache.nbytes / 2**30
