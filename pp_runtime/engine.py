@@ -158,7 +158,8 @@ def _drive(runner: StageRunner, channels: Optional[StageChannels], requests, eos
            stats: RunStats, capacity: int) -> list[Completion]:
     cfg = runner.cfg
     sched = StepScheduler(
-        SchedulerConfig(cfg.microbatches * cfg.batch_size, cfg.batch_size, cfg.max_batch_tokens, cfg.chunk_size),
+        SchedulerConfig(cfg.microbatches * cfg.batch_size, cfg.batch_size, cfg.max_batch_tokens, cfg.chunk_size,
+                        cfg.microbatches),
         _checked_requests(requests, runner.args, capacity), eos_id,
     )
     inflight: deque[_InFlight] = deque()

@@ -75,9 +75,10 @@ class SchedulerConfig:
     max_seqs: int  # sequences per micro-batch
     max_tokens: int  # token budget per micro-batch
     chunk_size: int  # longest prefill chunk of one sequence
+    microbatches: int = 1  # in flight; when few sequences are left they are spread over all of them
 
     def __post_init__(self) -> None:
-        for name in ("n_slots", "max_seqs", "max_tokens", "chunk_size"):
+        for name in ("n_slots", "max_seqs", "max_tokens", "chunk_size", "microbatches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inference.{name}={getattr(self, name)} must be at least 1")
 
@@ -108,17 +109,20 @@ class StepScheduler:
     def next_microbatch(self) -> Optional[MicroBatch]:
         """Decode steps first (they are cheap and keep latency low), then prefill chunks."""
         self._admit()
+        # Once the input runs dry, an even share per micro-batch keeps every pipeline stage busy
+        # until the end, instead of one full micro-batch and idle stages behind it.
+        max_seqs = min(self.cfg.max_seqs, -(-len(self._active) // self.cfg.microbatches))
         budget, chunks = self.cfg.max_tokens, []
         ready = [s for s in self._active.values() if not s.in_flight]
         decoding = [s for s in ready if s.fed >= s.prompt_len]
         prefilling = [s for s in ready if s.fed < s.prompt_len]
         for s in decoding:
-            if len(chunks) == self.cfg.max_seqs or budget < 1:
+            if len(chunks) == max_seqs or budget < 1:
                 break
             chunks.append(self._take(s, (s.generated[-1],)))
             budget -= 1
         for s in prefilling:
-            if len(chunks) == self.cfg.max_seqs or budget < 1:
+            if len(chunks) == max_seqs or budget < 1:
                 break
             n = min(self.cfg.chunk_size, budget, s.prompt_len - s.fed)
             chunks.append(self._take(s, tuple(s.request.prompt_tokens[s.fed : s.fed + n])))

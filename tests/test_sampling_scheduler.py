@@ -44,3 +44,16 @@ def test_scheduler_rejects_an_empty_prompt():
     sched = StepScheduler(SchedulerConfig(1, 1, 4, 4), iter([Request(0, "x", "", [], 3, SamplingParams())]), None)
     with pytest.raises(InputError, match="tokenises to nothing"):
         sched.next_microbatch()
+
+
+def test_scheduler_spreads_the_last_sequences_over_the_micro_batches_in_flight():
+    """6 slots, 3 micro-batches of up to 2: once all 4 requests are admitted and the input is dry,
+    no micro-batch takes more than its even share, so every pipeline stage keeps work."""
+    sched = StepScheduler(SchedulerConfig(n_slots=6, max_seqs=6, max_tokens=64, chunk_size=8, microbatches=3),
+                          iter(_requests([2, 2, 2, 2])), eos_id=None)
+    first, second = sched.next_microbatch(), sched.next_microbatch()
+    assert [c.uid for c in first.chunks] == [0, 1] and [c.uid for c in second.chunks] == [2, 3]  # ceil(4 / 3)
+    assert sched.next_microbatch() is None  # every sequence is in flight
+    alone = StepScheduler(SchedulerConfig(n_slots=6, max_seqs=6, max_tokens=64, chunk_size=8),
+                          iter(_requests([2, 2, 2, 2])), eos_id=None)
+    assert len(alone.next_microbatch().chunks) == 4  # one micro-batch in flight: no reason to split
