@@ -1,15 +1,17 @@
 """Varlen ring attention (Triton) against the padded SDPA path, Mistral-7B attention shapes, one GPU.
 
-    python benchmarks/bench_attention.py [--no-check]
+    python benchmarks/bench_attention.py [--no-check] [--sweep]
 
 First checks the kernel against the SDPA path on random bf16 mixes (outputs and caches), then
 times one layer's attention + cache write for decode, fresh prefill and a mixed step
 (triton.testing.do_bench, median) and prints a table with achieved TFLOP/s and GB/s.
+--sweep also times the attention kernel alone over a grid of tile configurations.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -62,10 +64,13 @@ def make_step(chunks: list[SeqChunk], n_slots: int, block_m: int, seed: int = 0)
     cache = [torch.randn(n_slots, CAP, HKV, D, device=DEV, dtype=DT, generator=gen) for _ in range(2)]
     meta = build_inference_meta(chunks, capacity=CAP, window=W, head_dim=D, rope_theta=ARGS.rope_theta,
                                 n_kv_groups=G, device=DEV)
-    layout = ra.VarlenLayout.for_tokens(t, len(chunks), block_m)
-    batch = ra.plan_varlen([c.slot for c in chunks], [c.start for c in chunks], [c.n_tokens for c in chunks],
-                           max_seqs=layout.max_seqs, max_blocks=layout.max_blocks, block_m=block_m, device=DEV)
-    return q, k, v, cache, meta, batch
+    return q, k, v, cache, meta, plan(chunks, block_m)
+
+
+def plan(chunks: list[SeqChunk], block_m: int) -> ra.VarlenBatch:
+    layout = ra.VarlenLayout.for_tokens(sum(c.n_tokens for c in chunks), len(chunks), block_m)
+    return ra.plan_varlen([c.slot for c in chunks], [c.start for c in chunks], [c.n_tokens for c in chunks],
+                          max_seqs=layout.max_seqs, max_blocks=layout.max_blocks, block_m=block_m, device=DEV)
 
 
 def check(attn: Attention) -> None:
@@ -105,41 +110,50 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def run_case(name: str, attn: Attention, chunks: list[SeqChunk], decode: bool) -> None:
+def report(name: str, label: str, fn, flops: float, bytes_: float) -> None:
+    try:
+        ms = bench(fn)
+        print(f"{name:<28} {label:<26} {ms * 1e3:>9.1f} {flops / ms / 1e9:>8.1f} {bytes_ / ms / 1e6:>7.0f}", flush=True)
+    except torch.OutOfMemoryError:
+        print(f"{name:<28} {label:<26} {'OOM':>9}", flush=True)
+    torch.cuda.empty_cache()
+
+
+def run_case(name: str, attn: Attention, chunks: list[SeqChunk], decode: bool, sweep: bool) -> None:
+    flops, bytes_ = work(chunks)
     block_m = ra.default_block_m(G, decode_only=decode)
     q, k, v, cache, meta, batch = make_step(chunks, len(chunks), block_m)
-    flops, bytes_ = work(chunks)
-    rows = [("triton", lambda: kernel_step(q, k, v, cache, batch))]
-    if decode:
-        splits = ra.decode_splits(len(chunks), HKV, max(c.start for c in chunks))
-        if splits > 1:
-            rows.append((f"triton split{splits}", lambda: kernel_step(q, k, v, cache, batch, num_splits=splits)))
-    rows.append(("sdpa padded", lambda: sdpa_step(attn, q, k, v, cache, meta)))
-    for label, fn in rows:
-        try:
-            ms = bench(fn)
-            print(f"{name:<28} {label:<18} {ms * 1e3:>10.1f} {flops / ms / 1e9:>9.1f} {bytes_ / ms / 1e6:>9.0f}")
-        except torch.OutOfMemoryError:
-            print(f"{name:<28} {label:<18} {'OOM':>10}")
-        torch.cuda.empty_cache()
+    report(name, "triton", lambda: kernel_step(q, k, v, cache, batch), flops, bytes_)
+    splits = ra.decode_splits(len(chunks), HKV, max(c.start for c in chunks)) if decode else 1
+    if splits > 1:
+        report(name, f"triton split{splits}", lambda: kernel_step(q, k, v, cache, batch, num_splits=splits),
+               flops, bytes_)
+    if sweep:  # tile rows x key tile x warps x stages, attention only
+        for rows, bn, warps, stages in itertools.product((16, 64, 128), (32, 64, 128), (4, 8), (2, 3)):
+            tiles = plan(chunks, rows // G)
+            report(name, f"rows{rows} n{bn} w{warps} s{stages} x{splits}", lambda: ra.ring_attention(
+                q, k, v, *cache, tiles, window=W, num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages),
+                flops, bytes_)
+    report(name, "sdpa padded", lambda: sdpa_step(attn, q, k, v, cache, meta), flops, bytes_)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations")
     opts = parser.parse_args()
     attn = Attention(ARGS).to(DEV, DT)  # only its SDPA helper is used; the weights stay untouched
     torch.manual_seed(0)
     if not opts.no_check:
         check(attn)
-    print(f"{'case':<28} {'path':<18} {'us':>10} {'TFLOP/s':>9} {'GB/s':>9}")
+    print(f"{'case':<28} {'path':<26} {'us':>9} {'TFLOP/s':>8} {'GB/s':>7}")
     for b in (1, 64):
         for ctx in (4096, 128):
-            run_case(f"decode B={b} ctx={ctx}", attn, [SeqChunk(i, ctx, 1) for i in range(b)], decode=True)
-    run_case("prefill 1x4096", attn, [SeqChunk(0, 0, 4096)], decode=False)
-    run_case("prefill 8x1024", attn, [SeqChunk(i, 0, 1024) for i in range(8)], decode=False)
-    run_case("mix 4096 + 63 decode@4096", attn, [SeqChunk(0, 0, 4096)] + [SeqChunk(i, 4096, 1) for i in range(1, 64)],
-             decode=False)
+            run_case(f"decode B={b} ctx={ctx}", attn, [SeqChunk(i, ctx, 1) for i in range(b)], True, opts.sweep)
+    run_case("prefill 1x4096", attn, [SeqChunk(0, 0, 4096)], False, opts.sweep)
+    run_case("prefill 8x1024", attn, [SeqChunk(i, 0, 1024) for i in range(8)], False, opts.sweep)
+    mix = [SeqChunk(0, 0, 4096)] + [SeqChunk(i, 4096, 1) for i in range(1, 64)]
+    run_case("mix 4096 + 63 decode@4096", attn, mix, False, opts.sweep)
 
 
 if __name__ == "__main__":
