@@ -103,7 +103,8 @@ class VarlenLayout:
     def views(self, buf: torch.Tensor) -> VarlenBatch:
         """The plan's fields as views of a device int32 buffer of `size` entries."""
         if buf.dtype != torch.int32 or buf.shape != (self.size,):
-            raise ValueError(f"the plan buffer must be int32 of shape ({self.size},), got {buf.dtype} {tuple(buf.shape)}")
+            raise ValueError(f"the plan buffer must be int32 of shape ({self.size},), "
+                             f"got {buf.dtype} {tuple(buf.shape)}")
         s, nb = self.max_seqs, self.max_blocks
         return VarlenBatch(
             seq_slot=buf[0:s], seq_start=buf[s : 2 * s], seq_len=buf[2 * s : 3 * s],
@@ -142,6 +143,37 @@ def _softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, q_pos, k_base, v_base, k_stride, v_stride, kp_lo, kp_hi, shift, capacity,
+                  window, qk_scale, d, d_ok, FROM_RING: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the keys at positions [kp_lo, kp_hi) of one source (ring: kp % capacity, stream: kp + shift).
+
+    MASK applies each row's causal window; without it only the range end is masked (the band every row sees).
+    """
+    cols = tl.arange(0, BLOCK_N)
+    for kb in range(kp_lo, kp_hi, BLOCK_N):
+        kp = kb + cols
+        k_ok = kp < kp_hi
+        if FROM_RING:
+            idx = (kp % capacity).to(tl.int64)
+        else:
+            idx = (kp + shift).to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_base + idx[:, None] * k_stride + d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + idx[:, None] * v_stride + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+        if MASK:
+            allowed = k_ok[None, :] & (kp[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                allowed = allowed & (q_pos[:, None] - kp[None, :] < window)
+        else:
+            allowed = k_ok[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vt, DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -190,47 +222,39 @@ def _ring_attn_kernel(
         lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
 
+    # Keys in [band_lo, band_hi) are visible to every row of the block: no per-row mask there.
+    band_lo = lo
+    if HAS_WINDOW:
+        band_lo = tl.minimum(tl.maximum(last - window + 1, lo), hi)
+    band_hi = tl.minimum(tl.maximum(start + first, band_lo), hi)
+
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_N)
     ck_base = ck_ptr + slot * sck_slot + kvh * sck_h
     cv_base = cv_ptr + slot * scv_slot + kvh * scv_h
-
-    ring_hi = tl.minimum(hi, start)
-    for kb in range(lo, ring_hi, BLOCK_N):
-        kp = kb + cols
-        k_ok = kp < ring_hi
-        ring = (kp % capacity).to(tl.int64)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        kt = tl.load(ck_base + ring[:, None] * sck_pos + d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(cv_base + ring[:, None] * scv_pos + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
-        allowed = k_ok[None, :] & row_ok[:, None]
-        if HAS_WINDOW:
-            allowed = allowed & (q_pos[:, None] - kp[None, :] < window)
-        s = tl.where(allowed, s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vt, DOT_PRECISION)
-
-    for kb in range(tl.maximum(lo, start), hi, BLOCK_N):
-        kp = kb + cols
-        k_ok = kp < hi
-        src = (off + kp - start).to(tl.int64)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        kt = tl.load(k_ptr + src[:, None] * sk_t + kvh * sk_h + d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(v_ptr + src[:, None] * sv_t + kvh * sv_h + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
-        allowed = k_ok[None, :] & row_ok[:, None] & (kp[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            allowed = allowed & (q_pos[:, None] - kp[None, :] < window)
-        s = tl.where(allowed, s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vt, DOT_PRECISION)
+    k_base = k_ptr + kvh * sk_h
+    v_base = v_ptr + kvh * sv_h
+    shift = off - start  # flat index of new-token position kp is kp + shift
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_lo, seg_hi = lo, band_lo
+        elif seg == 1:
+            seg_lo, seg_hi = band_lo, band_hi
+        else:
+            seg_lo, seg_hi = band_hi, hi
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, q_pos, ck_base, cv_base, sck_pos, scv_pos, seg_lo, tl.minimum(seg_hi, start), 0,
+            capacity, window, qk_scale, d, d_ok, True, seg != 1, HAS_WINDOW, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, q_pos, k_base, v_base, sk_t, sv_t, tl.maximum(seg_lo, start), seg_hi, shift,
+            capacity, window, qk_scale, d, d_ok, False, seg != 1, HAS_WINDOW, BLOCK_N, DOT_PRECISION)
 
     out_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS > 1:
-        ws = ws_ptr + split * sws_split + flat[:, None] * sws_t + head[:, None] * sws_h + d[None, :]
+        ws = ws_ptr + split.to(tl.int64) * sws_split + flat[:, None] * sws_t + head[:, None] * sws_h + d[None, :]
         tl.store(ws, acc, mask=out_mask)
-        ml = ml_ptr + split * sml_split + flat * sml_t + head * sml_h
+        ml = ml_ptr + split.to(tl.int64) * sml_split + flat * sml_t + head * sml_h
         tl.store(ml, m_i, mask=row_ok)
         tl.store(ml + 1, l_i, mask=row_ok)
     else:
@@ -245,7 +269,7 @@ def _merge_splits_kernel(ws_ptr, ml_ptr, out_ptr, sws_split, sws_t, sws_h, sml_s
     """out = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m); untouched tokens get zeros."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    sp = tl.arange(0, NUM_SPLITS)
+    sp = tl.arange(0, NUM_SPLITS).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     ml = ml_ptr + sp * sml_split + t * sml_t + h * sml_h
@@ -313,7 +337,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: t
     q [T, H, D], k/v [T, Hkv, D] (RoPE applied), caches [slots, capacity, Hkv, D], all one dtype;
     returns [T, H, D] in q's dtype (fp32 accumulation); tokens outside every sequence get zeros.
     The caches are only read: call `ring_write` afterwards. `num_splits > 1` splits each block's
-    keys over that many programs (flash-decoding) and merges them in a second launch.
+    keys over that many programs (flash-decoding; rounded up to a power of two) and merges them in
+    a second launch. Launch shape: (max_blocks, Hkv, num_splits) programs of block_m * G query rows.
     """
     _check(q, k, v, cache_k, cache_v)
     t, h, d = q.shape
@@ -330,7 +355,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: t
     if num_warps is None:
         num_warps = 8 if block_q >= 128 and block_d >= 128 else 4
     if num_stages is None:
-        num_stages = 3 if block_q >= 64 else 2
+        num_stages = 3 if block_q >= 64 and q.element_size() < 4 else 2
 
     num_splits = triton.next_power_of_2(num_splits)
     if num_splits > 1:
@@ -346,8 +371,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: t
         q, k, v, cache_k, cache_v, out, ws, ml,
         batch.seq_slot, batch.seq_start, batch.seq_len, batch.seq_offset, batch.block_seq, batch.block_first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
-        out.stride(0), out.stride(1), *ws_strides, *ml_strides,
+        *cache_k.stride()[:3], *cache_v.stride()[:3], out.stride(0), out.stride(1), *ws_strides, *ml_strides,
         capacity, window or 0, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, G=g, BLOCK_M=batch.block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_WINDOW=window is not None, NUM_SPLITS=num_splits,
@@ -372,7 +396,6 @@ def ring_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v:
     _ring_write_kernel[(batch.block_seq.shape[0], h_kv)](
         k, v, cache_k, cache_v, batch.seq_slot, batch.seq_start, batch.seq_len, batch.seq_offset, batch.block_seq,
         batch.block_first, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0), cache_v.stride(1),
-        cache_v.stride(2), cache_k.shape[1],
+        *cache_k.stride()[:3], *cache_v.stride()[:3], cache_k.shape[1],
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=batch.block_m,
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
+# Read when Triton's own library and our kernels are defined, so it must be set before triton is
+# first imported in this process; kernels then run on CPU tensors.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import random  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -16,6 +18,7 @@ from typing import Optional  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton.language.standard  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from pp_runtime import ring_attention as ra  # noqa: E402
@@ -27,8 +30,9 @@ NAN = float("nan")
 
 
 def test_kernels_run_in_the_interpreter():
-    """Guards the module-level switch: if triton was imported earlier, the kernels would need a GPU."""
-    assert isinstance(ra._ring_attn_kernel, InterpretedFunction), "set TRITON_INTERPRET=1 before importing triton"
+    """Guards the switch above: had triton been imported earlier in this process, kernels would need a GPU."""
+    for fn in (triton.language.standard.zeros, ra._ring_attn_kernel):
+        assert isinstance(fn, InterpretedFunction), "set TRITON_INTERPRET=1 before triton is first imported"
 
 
 def reference_attention(q, k, v, cache_k, cache_v, slots, starts, lens, window: Optional[int], scale: float):
