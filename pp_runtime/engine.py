@@ -150,8 +150,8 @@ def run_pipeline(
 @dataclass
 class _InFlight:
     mb: MicroBatch
-    results: torch.Tensor  # [rows, 3] float64: token id, logprob, finite; on the device until read
-    ready: object  # a Work (received from the last stage) or a CUDA event (one stage); None on CPU
+    results: torch.Tensor  # [rows, 3] float64: token id, logprob, finite (host memory once `ready`)
+    ready: object  # a CUDA event, or on CPU the receive's Work (None with one stage)
 
 
 def _drive(runner: StageRunner, channels: Optional[StageChannels], requests, eos_id, on_complete,
@@ -209,7 +209,7 @@ def _drive(runner: StageRunner, channels: Optional[StageChannels], requests, eos
                 out = runner.run(step, tokens=tokens)
                 channels.send_activations(out)
                 buf = runner.results_buffer(step)
-                inflight.append(_InFlight(mb, buf, channels.recv_results(buf)))
+                inflight.append(_InFlight(mb, *runner.results_to_host(buf, channels.recv_results(buf))))
             if not inflight:
                 if sched.done:
                     break

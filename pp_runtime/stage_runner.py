@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from pp_runtime.args import ModelArgs
 from pp_runtime.attention_meta import SeqChunk, build_inference_meta
@@ -100,6 +101,7 @@ class StageRunner:
         self.cache = RollingKVCache(list(module.spec.layers), n_slots + int(fast), capacity, args.n_kv_heads,
                                     args.head_dim, dtype, device)
         self.clock = _BusyClock(device)
+        self._result_stream: Optional[torch.cuda.Stream] = None
         self.fast = None
         if fast:
             from pp_runtime.fast_stage import FastStage
@@ -125,14 +127,24 @@ class StageRunner:
         rows = self.cfg.batch_size if self.fast is not None else len(step.chunks)
         return torch.empty((rows, RESULT_COLS), dtype=torch.float64, device=self.device)
 
-    def results_to_host(self, results: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
-        """Start copying a step's results to the host; the event says when they are there."""
+    def results_to_host(self, results: torch.Tensor, received: Optional[dist.Work] = None):
+        """Start copying a step's results to the host; returns them and what says they are there.
+
+        On GPU the copy runs on a stream of its own behind the receive (if any), so reading one
+        step's tokens never waits for the later steps already queued on the compute stream."""
         if results.device.type != "cuda":
-            return results, None
-        host = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
-        host.copy_(results, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
+            return results, received
+        if self._result_stream is None:
+            self._result_stream = torch.cuda.Stream(self.device)
+        stream = self._result_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the step (or the posted receive)
+        with torch.cuda.stream(stream):
+            if received is not None:
+                received.wait()
+            host = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
+            host.copy_(results, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
         return host, ev
 
     # ------------------------------------------------------------------ compute
