@@ -197,17 +197,17 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch, *,
     finite = torch.isfinite(logits).all(dim=-1)
     ids = logits.argmax(dim=-1)
     if not greedy_only:
-        ids = torch.where(batch.temperature > 0, _sample_filtered(logits, batch, finite), ids)
+        ids = torch.where(batch.temperature > 0, _sample_filtered(logits, batch), ids)
     ids = torch.where(finite, ids, 0)
     full = logits.float()
     logprobs = full.gather(1, ids[:, None])[:, 0] - torch.logsumexp(full, dim=-1)
     return ids, logprobs, finite
 
 
-def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch, finite: torch.Tensor) -> torch.Tensor:
+def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Gumbel-max over the tokens that survive top-k and then top-p of softmax(logits / T)."""
     vocab = logits.shape[-1]
-    x = torch.where(finite[:, None], logits.float(), 0.0)
+    x = logits.float()
     x = x - x.amax(dim=-1, keepdim=True)  # max 0: no inf - inf however small T is
     x = x / torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
     s = torch.sort(x, dim=-1, descending=True).values
