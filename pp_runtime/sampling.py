@@ -2,8 +2,8 @@
 
 `sample_tokens` has no per-row Python, no host sync and no data-dependent shapes, so a whole
 decode step (sampling included) can be replayed as a CUDA graph. Its randomness is a counter-based
-hash of (seed, sequence uid, position, token id): a token's draw does not depend on the batch it
-is in, on padding, on the device or on the number of pipeline stages, and no random state has to
+hash of (seed, sequence uid, position): a sequence's draw does not depend on the batch it is
+in, on padding, on the device or on the number of pipeline stages, and no random state has to
 live on the sampling stage."""
 
 from __future__ import annotations
@@ -166,21 +166,18 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def random_bits(seed: torch.Tensor, uid: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int64 [B, vocab]: 64 random bits per (row, token id), a pure function of the row's
-    (seed, uid, position) and the token id. Each row's key is absorbed input by input; token t gets
-    output t of the splitmix64 stream started at that key."""
+def random_bits(seed: torch.Tensor, uid: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: 64 random bits per row, a pure function of its (seed, uid, position): each input
+    is mixed on its own, then absorbed into the key, so no simple relation between inputs collides."""
     key = torch.full_like(seed, _GAMMA)
     for x in (seed, uid, position):
         key = _mix64(key ^ _mix64(x + _GAMMA))
-    steps = (torch.arange(1, vocab + 1, dtype=torch.int64, device=seed.device) * _GAMMA)
-    return _mix64(key[:, None] + steps)
+    return key
 
 
-def _gumbel(bits: torch.Tensor) -> torch.Tensor:
-    """float32 Gumbel(0, 1) noise from the top 23 bits: u = (2m + 1) / 2**24 is exact and in (0, 1)."""
-    u = (_shr(bits, 41) * 2 + 1).to(torch.float32) * 2.0**-24
-    return -torch.log(-torch.log(u))
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 1) from the top 24 bits: every value m / 2**24 is exact."""
+    return _shr(bits, 40).to(torch.float32) * 2.0**-24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +188,7 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch, *,
                   greedy_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (token ids int64 [B], logprob of each id under the unscaled model float32 [B],
     whether the row's logits were all finite bool [B]). A non-finite row gets id 0 and touches no
-    other row. `greedy_only` (every row has temperature 0, known on the host) skips the filters."""
+    other row. `greedy_only` (every row has temperature 0, known on the host) skips the sort."""
     if logits.dim() != 2 or logits.shape[0] != len(batch):
         raise ValueError(f"logits of shape {tuple(logits.shape)} for a sampling batch of {len(batch)} rows")
     finite = torch.isfinite(logits).all(dim=-1)
@@ -205,20 +202,21 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch, *,
 
 
 def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Gumbel-max over the tokens that survive top-k and then top-p of softmax(logits / T)."""
+    """Inverse-CDF draw, one uniform per row, over softmax(logits / T) sorted in descending order
+    (stable: equal logits keep token-id order) and cut to its first top_k tokens, then to the
+    smallest prefix whose renormalised mass reaches top_p."""
     vocab = logits.shape[-1]
     x = logits.float()
     x = x - x.amax(dim=-1, keepdim=True)  # max 0: no inf - inf however small T is
     x = x / torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
-    s = torch.sort(x, dim=-1, descending=True).values
+    s, order = torch.sort(x, dim=-1, descending=True, stable=True)
     k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=vocab), vocab)
-    kth = s.gather(1, (k - 1)[:, None])  # ties with the k-th value are kept
-    s = s.masked_fill(s < kth, float("-inf"))
-    probs = torch.softmax(s, dim=-1)
-    mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # monotone; 0 first
-    n_top_p = (mass_before <= batch.top_p[:, None]).sum(dim=-1)  # >= 1: the first token always stays
-    n_top_p = torch.where(batch.top_p >= 1, vocab, n_top_p)
-    threshold = torch.maximum(kth, s.gather(1, (n_top_p - 1)[:, None]))
-    noise = _gumbel(random_bits(batch.seed, batch.uid, batch.position, vocab))
-    score = torch.where(x >= threshold, x + noise, float("-inf"))
-    return score.argmax(dim=-1)
+    rank = torch.arange(vocab, device=logits.device)
+    probs = torch.softmax(s.masked_fill(rank >= k[:, None], float("-inf")), dim=-1)
+    cum = probs.cumsum(dim=-1)
+    mass_before = torch.nn.functional.pad(cum[:, :-1], (1, 0))  # monotone, 0 first: the first token stays
+    n_top_p = torch.where(batch.top_p >= 1, vocab, (mass_before <= batch.top_p[:, None]).sum(dim=-1))
+    last = (torch.minimum(k, n_top_p) - 1)[:, None]
+    target = _uniform(random_bits(batch.seed, batch.uid, batch.position))[:, None] * cum.gather(1, last)
+    pick = torch.minimum(torch.searchsorted(cum, target, right=True), last)  # first cum > target
+    return order.gather(1, pick)[:, 0]
