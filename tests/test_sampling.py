@@ -85,6 +85,10 @@ def test_tokens_outside_top_k_and_top_p_never_appear():
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(2))  # not in sorted order
     tokens = _sample(logits[:, perm], SamplingParams(temperature=3.0, top_k=4, top_p=0.5, seed=9))[0]
     assert set(perm[tokens].tolist()) == {0, 1}  # top-4 at T=3: 0.39, 0.28, 0.20, 0.14
+    # top_p sees the top-k mass renormalised: 0.5, 0.3 -> 0.625, 0.375, so top_p=0.55 keeps one token
+    three = torch.tensor([[0.2, 0.5, 0.3]]).log().repeat(n, 1)
+    assert set(_sample(three, SamplingParams(temperature=1.0, top_k=2, top_p=0.55, seed=3))[0].tolist()) == {1}
+    assert set(_sample(three, SamplingParams(temperature=1.0, top_p=0.55, seed=3))[0].tolist()) == {1, 2}
     ties = torch.tensor([[1.0, 3.0, 0.0, 3.0, 3.0, 2.0]]).repeat(n, 1)  # top_k cuts ties in token-id order
     assert set(_sample(ties, SamplingParams(temperature=1.0, top_k=2, seed=4))[0].tolist()) == {1, 3}
 
