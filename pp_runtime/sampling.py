@@ -128,14 +128,12 @@ class SamplingBatch:
         n, size = len(params), len(self)
         if not n == len(uids) == len(positions) or n > size:
             raise ValueError(f"{n} params, {len(uids)} uids, {len(positions)} positions for {size} rows")
-        ints = torch.zeros(len(_INT_FIELDS), size, dtype=torch.int64)
-        ints[:, :n] = torch.tensor([[p.top_k for p in params], [p.seed for p in params], list(uids),
-                                    list(positions)], dtype=torch.int64).view(len(_INT_FIELDS), n)
-        floats = torch.zeros(len(_FLOAT_FIELDS), size, dtype=torch.float32)
-        floats[1] = 1.0  # padding: greedy, no top-p
-        floats[:, :n] = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]],
-                                     dtype=torch.float32).view(len(_FLOAT_FIELDS), n)
-        host = torch.cat([ints.view(-1).view(torch.uint8), floats.view(-1).view(torch.uint8)])
+        pad = size - n
+        ints = [*(p.top_k for p in params), *[0] * pad, *(p.seed for p in params), *[0] * pad,
+                *uids, *[0] * pad, *positions, *[0] * pad]  # the order of _INT_FIELDS
+        floats = [*(p.temperature for p in params), *[0.0] * pad, *(p.top_p for p in params), *[1.0] * pad]
+        host = torch.cat([torch.tensor(ints, dtype=torch.int64).view(torch.uint8),
+                          torch.tensor(floats, dtype=torch.float32).view(torch.uint8)])
         if self.storage.is_cuda:  # pinned + async: the caching host allocator keeps it alive until copied
             host = host.pin_memory()
         self.storage.copy_(host, non_blocking=self.storage.is_cuda)
