@@ -165,12 +165,11 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
 
 
 def random_bits(seed: torch.Tensor, uid: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """int64 [B]: 64 random bits per row, a pure function of its (seed, uid, position): each input
-    is mixed on its own, then absorbed into the key, so no simple relation between inputs collides."""
-    key = torch.full_like(seed, _GAMMA)
-    for x in (seed, uid, position):
-        key = _mix64(key ^ _mix64(x + _GAMMA))
-    return key
+    """int64 [B]: 64 random bits per row, a pure function of its (seed, uid, position). The pair
+    (seed, uid) picks a splitmix64 stream and the row takes that stream's output number position + 1;
+    streams of different pairs start at independent random points of the 2**64 cycle."""
+    stream = _mix64(seed * _GAMMA + uid)
+    return _mix64(stream + (position + 1) * _GAMMA)
 
 
 def _uniform(bits: torch.Tensor) -> torch.Tensor:
@@ -201,20 +200,18 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch, *,
 
 def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Inverse-CDF draw, one uniform per row, over softmax(logits / T) sorted in descending order
-    (stable: equal logits keep token-id order) and cut to its first top_k tokens, then to the
-    smallest prefix whose renormalised mass reaches top_p."""
+    (stable: equal logits keep token-id order), cut to its first top_k tokens and then to the
+    smallest prefix whose mass, renormalised over those, reaches top_p."""
     vocab = logits.shape[-1]
     x = logits.float()
-    x = x - x.amax(dim=-1, keepdim=True)  # max 0: no inf - inf however small T is
+    x = x - x.amax(dim=-1, keepdim=True)  # max 0: exp(x) <= 1 and no inf - inf however small T is
     x = x / torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
     s, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    cum = torch.exp(s).cumsum(dim=-1)  # unnormalised and monotone; the cuts below only read its prefix
     k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=vocab), vocab)
-    rank = torch.arange(vocab, device=logits.device)
-    probs = torch.softmax(s.masked_fill(rank >= k[:, None], float("-inf")), dim=-1)
-    cum = probs.cumsum(dim=-1)
-    mass_before = torch.nn.functional.pad(cum[:, :-1], (1, 0))  # monotone, 0 first: the first token stays
-    n_top_p = torch.where(batch.top_p >= 1, vocab, (mass_before <= batch.top_p[:, None]).sum(dim=-1))
+    top_k_mass = cum.gather(1, (k - 1)[:, None])
+    n_top_p = (cum <= batch.top_p[:, None] * top_k_mass).sum(dim=-1) + 1  # keeps i iff mass before i <= top_p
     last = (torch.minimum(k, n_top_p) - 1)[:, None]
     target = _uniform(random_bits(batch.seed, batch.uid, batch.position))[:, None] * cum.gather(1, last)
-    pick = torch.minimum(torch.searchsorted(cum, target, right=True), last)  # first cum > target
+    pick = torch.minimum(torch.searchsorted(cum, target, right=True), last)  # the first cum > target
     return order.gather(1, pick)[:, 0]

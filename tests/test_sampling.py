@@ -31,25 +31,18 @@ def _mix64_py(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _random_bits_py(seed: int, uid: int, position: int) -> int:
-    key = GAMMA
-    for x in (seed, uid, position):
-        key = _mix64_py(key ^ _mix64_py((x + GAMMA) & MASK64))
-    return key
-
-
-def test_splitmix64_output_function_matches_the_published_stream():
-    from pp_runtime.sampling import _mix64
-
-    steps = torch.tensor([1, 2, 3], dtype=torch.int64) * (GAMMA - 2**64)  # the stream seeded with 0
-    got = [x & MASK64 for x in _mix64(steps).tolist()]
+def test_random_bits_follow_the_published_splitmix64_stream():
+    """Seed 0, uid 0 is the stream seeded with 0, whose first outputs are splitmix64's reference values."""
+    zeros = torch.zeros(3, dtype=torch.int64)
+    got = [x & MASK64 for x in random_bits(zeros, zeros, torch.arange(3)).tolist()]
     assert got == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
 
 
 def test_random_bits_equal_exact_64_bit_arithmetic():
     rows = [(0, 0, 0), (7, 3, 11), (7, 3, 12), (-1, 2**62 + 5, 123456), (2**63 - 1, -(2**63), 1), (12345, 99, 2**40)]
     seed, uid, pos = (torch.tensor(col, dtype=torch.int64) for col in zip(*rows))
-    assert [x & MASK64 for x in random_bits(seed, uid, pos).tolist()] == [_random_bits_py(*r) for r in rows]
+    expected = [_mix64_py((_mix64_py((s * GAMMA + u) & MASK64) + (p + 1) * GAMMA) & MASK64) for s, u, p in rows]
+    assert [x & MASK64 for x in random_bits(seed, uid, pos).tolist()] == expected
 
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():
