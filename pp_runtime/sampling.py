@@ -61,28 +61,30 @@ def _check(temperature: Any, top_p: Any, top_k: Any, seed: Any, where: str) -> N
 
 
 def _as_number(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} must be a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} must be a number") from None
+    if not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise ConfigError(f"{name}={value!r} must be a number")
 
 
 def _as_integer(value: Any, name: str) -> int:
-    if isinstance(value, Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str):
+    """Integers and integral numbers or strings ("3", "3.0"); never a silent truncation of 2.5."""
+    error = ConfigError(f"{name}={value!r} must be an integer")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, (Integral, str)):
         try:
             return int(value)
         except ValueError:
-            pass  # maybe "3.0"
+            pass  # "3.0" is read below
     try:
-        number = float(value) if not isinstance(value, bool) else math.nan
+        number = float(value)
     except (TypeError, ValueError):
-        number = math.nan
+        raise error from None
     if not number.is_integer():  # nan, inf and fractions alike
-        raise ConfigError(f"{name}={value!r} must be an integer")
+        raise error
     return int(number)
 
 
