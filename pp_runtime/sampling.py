@@ -2,8 +2,8 @@
 
 `sample_tokens` has no per-row Python, no host sync and no data-dependent shapes, so a whole
 decode step (sampling included) can be replayed as a CUDA graph. Its randomness is a counter-based
-hash of (seed, sequence uid, position, token id): a token's draw does not depend on the batch it
-is in, on padding, on the device or on the number of pipeline stages, and no random state has to
+hash of (seed, sequence uid, position): a sequence's draw does not depend on the batch it is
+in, on padding, on the device or on the number of pipeline stages, and no random state has to
 live on the sampling stage."""
 
 from __future__ import annotations
@@ -61,28 +61,30 @@ def _check(temperature: Any, top_p: Any, top_k: Any, seed: Any, where: str) -> N
 
 
 def _as_number(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} must be a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} must be a number") from None
+    if not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise ConfigError(f"{name}={value!r} must be a number")
 
 
 def _as_integer(value: Any, name: str) -> int:
-    if isinstance(value, Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str):
+    """Integers and integral numbers or strings ("3", "3.0"); never a silent truncation of 2.5."""
+    error = ConfigError(f"{name}={value!r} must be an integer")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, (Integral, str)):
         try:
             return int(value)
         except ValueError:
-            pass  # maybe "3.0"
+            pass  # "3.0" is read below
     try:
-        number = float(value) if not isinstance(value, bool) else math.nan
+        number = float(value)
     except (TypeError, ValueError):
-        number = math.nan
+        raise error from None
     if not number.is_integer():  # nan, inf and fractions alike
-        raise ConfigError(f"{name}={value!r} must be an integer")
+        raise error
     return int(number)
 
 
@@ -128,14 +130,12 @@ class SamplingBatch:
         n, size = len(params), len(self)
         if not n == len(uids) == len(positions) or n > size:
             raise ValueError(f"{n} params, {len(uids)} uids, {len(positions)} positions for {size} rows")
-        ints = torch.zeros(len(_INT_FIELDS), size, dtype=torch.int64)
-        ints[:, :n] = torch.tensor([[p.top_k for p in params], [p.seed for p in params], list(uids),
-                                    list(positions)], dtype=torch.int64).view(len(_INT_FIELDS), n)
-        floats = torch.zeros(len(_FLOAT_FIELDS), size, dtype=torch.float32)
-        floats[1] = 1.0  # padding: greedy, no top-p
-        floats[:, :n] = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]],
-                                     dtype=torch.float32).view(len(_FLOAT_FIELDS), n)
-        host = torch.cat([ints.view(-1).view(torch.uint8), floats.view(-1).view(torch.uint8)])
+        pad = size - n
+        ints = [*(p.top_k for p in params), *[0] * pad, *(p.seed for p in params), *[0] * pad,
+                *uids, *[0] * pad, *positions, *[0] * pad]  # the order of _INT_FIELDS
+        floats = [*(p.temperature for p in params), *[0.0] * pad, *(p.top_p for p in params), *[1.0] * pad]
+        host = torch.cat([torch.tensor(ints, dtype=torch.int64).view(torch.uint8),
+                          torch.tensor(floats, dtype=torch.float32).view(torch.uint8)])
         if self.storage.is_cuda:  # pinned + async: the caching host allocator keeps it alive until copied
             host = host.pin_memory()
         self.storage.copy_(host, non_blocking=self.storage.is_cuda)
@@ -166,21 +166,17 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def random_bits(seed: torch.Tensor, uid: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int64 [B, vocab]: 64 random bits per (row, token id), a pure function of the row's
-    (seed, uid, position) and the token id. Each row's key is absorbed input by input; token t gets
-    output t of the splitmix64 stream started at that key."""
-    key = torch.full_like(seed, _GAMMA)
-    for x in (seed, uid, position):
-        key = _mix64(key ^ _mix64(x + _GAMMA))
-    steps = (torch.arange(1, vocab + 1, dtype=torch.int64, device=seed.device) * _GAMMA)
-    return _mix64(key[:, None] + steps)
+def random_bits(seed: torch.Tensor, uid: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: 64 random bits per row, a pure function of its (seed, uid, position). The pair
+    (seed, uid) picks a splitmix64 stream and the row takes that stream's output number position + 1;
+    streams of different pairs start at independent random points of the 2**64 cycle."""
+    stream = _mix64(seed * _GAMMA + uid)
+    return _mix64(stream + (position + 1) * _GAMMA)
 
 
-def _gumbel(bits: torch.Tensor) -> torch.Tensor:
-    """float32 Gumbel(0, 1) noise from the top 23 bits: u = (2m + 1) / 2**24 is exact and in (0, 1)."""
-    u = (_shr(bits, 41) * 2 + 1).to(torch.float32) * 2.0**-24
-    return -torch.log(-torch.log(u))
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 1) from the top 24 bits: every value m / 2**24 is exact."""
+    return _shr(bits, 40).to(torch.float32) * 2.0**-24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,34 +187,33 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch, *,
                   greedy_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (token ids int64 [B], logprob of each id under the unscaled model float32 [B],
     whether the row's logits were all finite bool [B]). A non-finite row gets id 0 and touches no
-    other row. `greedy_only` (every row has temperature 0, known on the host) skips the filters."""
+    other row. `greedy_only` (every row has temperature 0, known on the host) skips the sort."""
     if logits.dim() != 2 or logits.shape[0] != len(batch):
         raise ValueError(f"logits of shape {tuple(logits.shape)} for a sampling batch of {len(batch)} rows")
     finite = torch.isfinite(logits).all(dim=-1)
     ids = logits.argmax(dim=-1)
     if not greedy_only:
-        ids = torch.where(batch.temperature > 0, _sample_filtered(logits, batch, finite), ids)
+        ids = torch.where(batch.temperature > 0, _sample_filtered(logits, batch), ids)
     ids = torch.where(finite, ids, 0)
     full = logits.float()
     logprobs = full.gather(1, ids[:, None])[:, 0] - torch.logsumexp(full, dim=-1)
     return ids, logprobs, finite
 
 
-def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch, finite: torch.Tensor) -> torch.Tensor:
-    """Gumbel-max over the tokens that survive top-k and then top-p of softmax(logits / T)."""
+def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Inverse-CDF draw, one uniform per row, over softmax(logits / T) sorted in descending order
+    (stable: equal logits keep token-id order), cut to its first top_k tokens and then to the
+    smallest prefix whose mass, renormalised over those, reaches top_p."""
     vocab = logits.shape[-1]
-    x = torch.where(finite[:, None], logits.float(), 0.0)
-    x = x - x.amax(dim=-1, keepdim=True)  # max 0: no inf - inf however small T is
+    x = logits.float()
+    x = x - x.amax(dim=-1, keepdim=True)  # max 0: exp(x) <= 1 and no inf - inf however small T is
     x = x / torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
-    s = torch.sort(x, dim=-1, descending=True).values
+    s, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    cum = torch.exp(s).cumsum(dim=-1)  # unnormalised and monotone; the cuts below only read its prefix
     k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=vocab), vocab)
-    kth = s.gather(1, (k - 1)[:, None])  # ties with the k-th value are kept
-    s = s.masked_fill(s < kth, float("-inf"))
-    probs = torch.softmax(s, dim=-1)
-    mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # monotone; 0 first
-    n_top_p = (mass_before <= batch.top_p[:, None]).sum(dim=-1)  # >= 1: the first token always stays
-    n_top_p = torch.where(batch.top_p >= 1, vocab, n_top_p)
-    threshold = torch.maximum(kth, s.gather(1, (n_top_p - 1)[:, None]))
-    noise = _gumbel(random_bits(batch.seed, batch.uid, batch.position, vocab))
-    score = torch.where(x >= threshold, x + noise, float("-inf"))
-    return score.argmax(dim=-1)
+    top_k_mass = cum.gather(1, (k - 1)[:, None])
+    n_top_p = (cum <= batch.top_p[:, None] * top_k_mass).sum(dim=-1) + 1  # keeps i iff mass before i <= top_p
+    last = (torch.minimum(k, n_top_p) - 1)[:, None]
+    target = _uniform(random_bits(batch.seed, batch.uid, batch.position))[:, None] * cum.gather(1, last)
+    pick = torch.minimum(torch.searchsorted(cum, target, right=True), last)  # the first cum > target
+    return order.gather(1, pick)[:, 0]

@@ -31,27 +31,18 @@ def _mix64_py(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _random_bits_py(seed: int, uid: int, position: int, token: int) -> int:
-    key = GAMMA
-    for x in (seed, uid, position):
-        key = _mix64_py(key ^ _mix64_py((x + GAMMA) & MASK64))
-    return _mix64_py((key + (token + 1) * GAMMA) & MASK64)
-
-
-def test_splitmix64_output_function_matches_the_published_stream():
-    from pp_runtime.sampling import _mix64
-
-    steps = torch.tensor([1, 2, 3], dtype=torch.int64) * (GAMMA - 2**64)  # the stream seeded with 0
-    got = [x & MASK64 for x in _mix64(steps).tolist()]
+def test_random_bits_follow_the_published_splitmix64_stream():
+    """Seed 0, uid 0 is the stream seeded with 0, whose first outputs are splitmix64's reference values."""
+    zeros = torch.zeros(3, dtype=torch.int64)
+    got = [x & MASK64 for x in random_bits(zeros, zeros, torch.arange(3)).tolist()]
     assert got == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
 
 
 def test_random_bits_equal_exact_64_bit_arithmetic():
-    rows = [(0, 0, 0), (7, 3, 11), (-1, 2**62 + 5, 123456), (2**63 - 1, -(2**63), 1), (12345, 99, 2**40)]
+    rows = [(0, 0, 0), (7, 3, 11), (7, 3, 12), (-1, 2**62 + 5, 123456), (2**63 - 1, -(2**63), 1), (12345, 99, 2**40)]
     seed, uid, pos = (torch.tensor(col, dtype=torch.int64) for col in zip(*rows))
-    got = random_bits(seed, uid, pos, 40)
-    for i, (s, u, p) in enumerate(rows):
-        assert [x & MASK64 for x in got[i].tolist()] == [_random_bits_py(s, u, p, t) for t in range(40)]
+    expected = [_mix64_py((_mix64_py((s * GAMMA + u) & MASK64) + (p + 1) * GAMMA) & MASK64) for s, u, p in rows]
+    assert [x & MASK64 for x in random_bits(seed, uid, pos).tolist()] == expected
 
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():
@@ -87,6 +78,12 @@ def test_tokens_outside_top_k_and_top_p_never_appear():
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(2))  # not in sorted order
     tokens = _sample(logits[:, perm], SamplingParams(temperature=3.0, top_k=4, top_p=0.5, seed=9))[0]
     assert set(perm[tokens].tolist()) == {0, 1}  # top-4 at T=3: 0.39, 0.28, 0.20, 0.14
+    # top_p sees the top-k mass renormalised: 0.5, 0.3 -> 0.625, 0.375, so top_p=0.55 keeps one token
+    three = torch.tensor([[0.2, 0.5, 0.3]]).log().repeat(n, 1)
+    assert set(_sample(three, SamplingParams(temperature=1.0, top_k=2, top_p=0.55, seed=3))[0].tolist()) == {1}
+    assert set(_sample(three, SamplingParams(temperature=1.0, top_p=0.55, seed=3))[0].tolist()) == {1, 2}
+    ties = torch.tensor([[1.0, 3.0, 0.0, 3.0, 3.0, 2.0]]).repeat(n, 1)  # top_k cuts ties in token-id order
+    assert set(_sample(ties, SamplingParams(temperature=1.0, top_k=2, seed=4))[0].tolist()) == {1, 3}
 
 
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -220,7 +217,7 @@ def test_cuda_matches_cpu_and_replays_as_a_graph():
     cpu = _sample(logits, params, uids, positions)[0]
     dev = torch.device("cuda")
     key = [torch.tensor(c, dtype=torch.int64) for c in ([p.seed for p in params], uids, positions)]
-    assert torch.equal(random_bits(*key, vocab), random_bits(*(k.to(dev) for k in key), vocab).cpu())
+    assert torch.equal(random_bits(*key), random_bits(*(k.to(dev) for k in key)).cpu())
     batch = SamplingBatch.build(params, uids, positions, dev)
     static_logits = logits.to(dev)
     sample_tokens(static_logits, batch, greedy_only=False)  # warm-up outside the capture
