@@ -68,11 +68,13 @@ class ModelSource:
 
 def init_random_(module: torch.nn.Module, seed: int) -> None:
     """Seeded per parameter *name*: any stage split builds exactly the weights one process would,
-    and the same ones `python -m pp_runtime.random_checkpoint` writes."""
+    and the same ones `python -m pp_runtime.random_checkpoint` writes (stacked experts are filled
+    expert by expert, each seeded by its checkpoint name)."""
     from pp_runtime.checkpoint import random_tensor
+    from pp_runtime.moe import unstack_experts
 
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for name, p in unstack_experts(dict(module.named_parameters())).items():
             p.copy_(random_tensor(name, p.shape, seed, torch.float32))
 
 
