@@ -25,7 +25,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,16 +79,13 @@ def batched_layout(experts: torch.Tensor, n_experts: int, capacity: int) -> Grou
 
 
 # ---------------------------------------------------------------------------------- matmul backends
-MatMul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (buffer [M, in], stacked w [E, out, in]) -> [M, out]
-
-
 def grouped_mm_loop(a: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """What `torch._grouped_mm(a, w_t, offs=offs)` computes, one group at a time (reads offs on the host).
 
     Rows after the last group are NaN: the device kernel leaves them undefined, so any use shows."""
     ends = offs.tolist()
     starts = [0] + ends[:-1]
-    parts = [a[s:e] @ w_t[g] for g, (s, e) in enumerate(zip(starts, ends))]
+    parts = [a[s:e] @ w for w, s, e in zip(w_t.unbind(0), starts, ends)]  # unbind: one stack in backward
     parts.append(a.new_full((a.shape[0] - ends[-1], w_t.shape[-1]), float("nan")))
     return torch.cat(parts)
 
@@ -106,30 +103,39 @@ def uses_grouped_gemm(x: torch.Tensor, hidden_dim: int) -> bool:
             and _has_grouped_gemm(x.device))
 
 
-def _matmuls(x: torch.Tensor, experts: torch.Tensor, n_experts: int, hidden_dim: int) -> tuple[GroupLayout, MatMul]:
-    """The layout and matmul for this device and dtype (see the module docstring)."""
-    flat = experts.reshape(-1)
-    if x.device.type == "cpu" or uses_grouped_gemm(x, hidden_dim):
-        layout = grouped_layout(flat, n_experts)
-        gmm = grouped_mm_loop if x.device.type == "cpu" else torch._grouped_mm
-        return layout, lambda a, w: gmm(a, w.transpose(-2, -1), offs=layout.offs)
-    layout = batched_layout(flat, n_experts, x.shape[0])
-    return layout, lambda a, w: torch.bmm(a.view(n_experts, -1, a.shape[-1]), w.transpose(-2, -1)).flatten(0, 1)
+def pick_backend(x: torch.Tensor, hidden_dim: int) -> str:
+    """"loop" on CPU, "grouped_mm" where `uses_grouped_gemm`, "bmm" on other GPUs and dtypes."""
+    if x.device.type == "cpu":
+        return "loop"
+    return "grouped_mm" if uses_grouped_gemm(x, hidden_dim) else "bmm"
 
 
-def expert_ffn(
+def experts_forward(
     x: torch.Tensor,
     experts: torch.Tensor,
     weights: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
     w3: torch.Tensor,
-    layout: GroupLayout,
-    mm: MatMul,
+    backend: str,
 ) -> torch.Tensor:
-    """sum_j weights[t, j] * w2_e(silu(w1_e x_t) * w3_e x_t) with e = experts[t, j], on `layout`'s buffer."""
+    """sum_j weights[t, j] * w2_e(silu(w1_e x_t) * w3_e x_t) with e = experts[t, j]: x [T, dim],
+    experts / weights [T, k], stacked w* [E, out, in]. `backend`: see `pick_backend`."""
     t, k = experts.shape
-    dim = x.shape[-1]
+    n_experts, dim = w1.shape[0], x.shape[-1]
+    flat = experts.reshape(-1)
+    if backend == "bmm":
+        layout = batched_layout(flat, n_experts, t)
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(a.view(n_experts, t, a.shape[-1]), w.transpose(-2, -1)).flatten(0, 1)
+    else:
+        layout = grouped_layout(flat, n_experts)
+        gmm = grouped_mm_loop if backend == "loop" else torch._grouped_mm
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return gmm(a, w.transpose(-2, -1), offs=layout.offs)
+
     pairs = x.unsqueeze(1).expand(t, k, dim).reshape(t * k, dim)
     buf = x.new_zeros(layout.n_rows, dim).index_copy(0, layout.rows, pairs)
     h = F.silu(mm(buf, w1)) * mm(buf, w3)
@@ -176,9 +182,8 @@ class MoeFeedForward(nn.Module):
         upcast = top_logits.float() if top_logits.element_size() < 4 else top_logits
         weights = F.softmax(upcast, dim=-1).type_as(x)
         self._count(experts, valid_tokens)
-        layout, mm = _matmuls(x, experts, self.n_experts, self.hidden_dim)
         e = self.experts
-        return expert_ffn(x, experts, weights, e.w1, e.w2, e.w3, layout, mm)
+        return experts_forward(x, experts, weights, e.w1, e.w2, e.w3, pick_backend(x, self.hidden_dim))
 
     def _count(self, experts: torch.Tensor, valid_tokens: Optional[torch.Tensor | int]) -> None:
         # an activation-checkpointing recompute runs inside backward: its tokens were counted already
@@ -274,7 +279,7 @@ def unstack_experts(state: Mapping[str, torch.Tensor], n_experts: Optional[int] 
         elif t.dim() == 3:
             out.update(zip(per_expert_names(name, t.shape[0]), t.unbind(0)))
         elif n_experts:
-            out.update((n, t) for n in per_expert_names(name, n_experts))
+            out.update((n, t.clone()) for n in per_expert_names(name, n_experts))  # files reject shared tensors
         else:
             raise ValueError(f"{name}: shape {tuple(t.shape)} has no expert dimension; pass n_experts")
     return out
