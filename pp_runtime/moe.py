@@ -35,8 +35,7 @@ from pp_runtime.args import ModelArgs
 from pp_runtime.errors import CheckpointError
 from pp_runtime.weight_grad import Linear
 
-GROUP_ALIGN = 16  # rows per expert group are padded to this (TMA: 16-byte aligned group starts)
-EXPERT_WEIGHTS = ("w1", "w2", "w3")
+GROUP_ALIGN = 16  # rows per expert group: torch's grouped GEMM asserts group sizes of 16-byte multiples
 
 # ---------------------------------------------------------------------------------- routing layouts
 
@@ -172,6 +171,7 @@ class MoeFeedForward(nn.Module):
         self.experts = GroupedExperts(self.n_experts, args.dim, args.hidden_dim)
         self.counting = True
         # tokens routed to each expert since the last reset; made at the first forward, on its device
+        # (so a CUDA graph is captured after one eager warm-up step, as DecodeGraphs does)
         self.register_buffer("expert_tokens", None, persistent=False)
 
     def forward(self, x: torch.Tensor, valid_tokens: Optional[torch.Tensor | int] = None) -> torch.Tensor:
