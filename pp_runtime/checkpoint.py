@@ -1,7 +1,8 @@
 """Read and write Mistral consolidated and Hugging Face checkpoints, one stage at a time.
 
 Weights are always handed out under our (Mistral consolidated) names, so a stage loads the same
-way whatever the source. Only the tensors a stage needs are read (safetensors `safe_open`), and
+way whatever the source. Checkpoints hold one tensor per expert (`layers.N.feed_forward.experts.E.w1.weight`);
+a loaded module stacks them per layer (`moe.stack_experts_`) and writers accept either layout. Only the tensors a stage needs are read (safetensors `safe_open`), and
 Hugging Face's rotary row permutation of wq/wk is undone on the way in.
 """
 
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from pp_runtime.args import ModelArgs
 from pp_runtime.errors import CheckpointError, ConfigError
 from pp_runtime.model import StageModule
+from pp_runtime.moe import stack_experts_, unstack_experts
 from pp_runtime.partition import StageSpec
 
 Format = Literal["mistral", "hf"]
@@ -76,12 +78,13 @@ def full_spec(args: ModelArgs) -> StageSpec:
 
 
 def stage_shapes(args: ModelArgs, spec: StageSpec) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor the stage holds, taken from the model itself (built on meta)."""
+    """Checkpoint name -> shape of every tensor the stage holds, taken from the model itself (built on
+    meta); experts are listed one by one, as checkpoints store them."""
     if spec.last > args.n_layers:
         raise ConfigError(f"stage {spec.index} covers layers up to {spec.last - 1} but the model has {args.n_layers}")
     with torch.device("meta"):
         module = StageModule(args, spec)
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in unstack_experts(module.state_dict()).items()}
 
 
 # ---------------------------------------------------------------------------------- rotary permutation
@@ -322,11 +325,12 @@ def load_stage_module(
     dtype: Optional[torch.dtype] = None,
     device: torch.device | str = "cpu",
 ) -> StageModule:
-    """Build the stage on the meta device, then adopt the loaded tensors (no second copy in memory)."""
+    """Build the stage on the meta device, then adopt the loaded tensors (experts stacked layer by
+    layer, so at most one layer's expert weights are held twice)."""
     state = load_stage_state(path, args, spec, dtype, device)
     with torch.device("meta"):
         module = StageModule(args, spec)
-    module.load_state_dict(state, strict=True, assign=True)
+    module.load_state_dict(stack_experts_(state), strict=True, assign=True)
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:  # a buffer that is not in checkpoints would need its own initialisation here
         raise CheckpointError(f"stage {spec.index} has tensors not stored in checkpoints: {', '.join(left)}")
@@ -335,12 +339,12 @@ def load_stage_module(
 
 # ---------------------------------------------------------------------------------- saving
 def save_mistral_checkpoint(path: str | Path, args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write `params.json` + `consolidated.safetensors` (our names are Mistral's)."""
+    """Write `params.json` + `consolidated.safetensors` (our names are Mistral's; experts one by one)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "params.json").write_text(json.dumps(args.to_params_json(), indent=2))
     save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
+        {k: v.detach().contiguous().cpu() for k, v in unstack_experts(state_dict).items()},
         str(path / "consolidated.safetensors"),
         metadata={"format": "pt"},
     )
@@ -388,7 +392,7 @@ def to_hf_state_dict(
     """
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
-    for name, t in state_dict.items():
+    for name, t in unstack_experts(state_dict).items():
         if name in _HF_TOP_NAMES:
             out[_HF_TOP_NAMES[name]] = t
             continue

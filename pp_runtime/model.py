@@ -15,6 +15,7 @@ from torch import nn
 from pp_runtime.args import ModelArgs
 from pp_runtime.attention_meta import AttentionMeta
 from pp_runtime.kv_cache import RollingKVCache
+from pp_runtime.moe import MoeFeedForward
 from pp_runtime.partition import StageSpec
 from pp_runtime.weight_grad import Linear
 
@@ -111,40 +112,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class MoeFeedForward(nn.Module):
-    """Sparse MoE: top-k experts per token, softmax over the selected gate logits.
-
-    Each expert runs only on the tokens routed to it (tokens are grouped by expert once).
-    """
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        assert args.moe is not None
-        self.top_k = args.moe.num_experts_per_tok
-        self.gate = Linear(args.dim, args.moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(x)
-        top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
-        weights = F.softmax(_upcast(top_logits), dim=-1).type_as(x)
-        flat_expert = top_idx.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()
-        token_of = order // self.top_k
-        out = torch.zeros_like(x)
-        begin = 0
-        for e, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            idx = order[begin : begin + cnt]
-            tok = token_of[begin : begin + cnt]
-            y = self.experts[e](x.index_select(0, tok)) * weights.reshape(-1, 1).index_select(0, idx)
-            out.index_add_(0, tok, y)
-            begin += cnt
-        return out
 
 
 class TransformerBlock(nn.Module):

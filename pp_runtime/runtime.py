@@ -69,12 +69,14 @@ class ModelSource:
 
 def init_random_(module: torch.nn.Module, seed: int) -> None:
     """Seeded per parameter *name*: any stage split builds exactly the weights one process would,
-    and the same ones `python -m pp_runtime.random_checkpoint --device D` writes. Drawn on the
-    module's own device, so a GPU fills an 87 GB model in seconds."""
+    and the same ones `python -m pp_runtime.random_checkpoint --device D` writes (stacked experts
+    are filled expert by expert, each seeded by its checkpoint name). Drawn on the module's own
+    device, so a GPU fills an 87 GB model in seconds."""
     from pp_runtime.checkpoint import random_tensor
+    from pp_runtime.moe import unstack_experts
 
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for name, p in unstack_experts(dict(module.named_parameters())).items():
             p.copy_(random_tensor(name, p.shape, seed, p.dtype, device=p.device))
 
 

@@ -10,6 +10,8 @@ Layout of ``CHECKPOINT_DIR/step_00000120/``::
 
 Weights and optimizer state are stored under global parameter names, so loading under another
 split (2 stages saved, 4 or 1 loading, or other virtual stages) is a key lookup across shards.
+Experts are stored one by one under Mistral's names (``layers.3.feed_forward.experts.5.w1.weight``,
+its AdamW state beside it), however the model stacks them in memory.
 With a bfloat16 model the weights stored are the float32 master weights the optimizer updates,
 so a resume continues bit for bit. Data-parallel replicas hold the same state, so only replica 0
 writes.
@@ -46,6 +48,7 @@ from safetensors.torch import save_file
 from pp_runtime.args import ModelArgs
 from pp_runtime.checkpoint import full_spec, stage_shapes, write_safetensors_streaming
 from pp_runtime.errors import CheckpointError, ConfigError, PPRuntimeError
+from pp_runtime.moe import per_expert_names, stack_experts_, unstack_experts
 from pp_runtime.partition import StageSpec
 
 FORMAT = "pp_runtime-train-v1"
@@ -185,7 +188,7 @@ def save_train_checkpoint(
     """Collective over all ranks (barriers on the default group when distributed).
 
     `shards` maps each local stage index to (weights, optimizer state) by global name; `stages`
-    is the whole plan (every stage, for the manifest). Returns the committed folder. `keep` > 0
+    is the whole plan (every stage, for the manifest); stacked experts are written one by one. Returns the committed folder. `keep` > 0
     deletes all but the newest `keep` checkpoints afterwards.
     """
     root = Path(root)
@@ -199,7 +202,8 @@ def save_train_checkpoint(
     _barrier()
     if dp_rank == 0:
         for s, (weights, optim) in sorted(shards.items()):
-            _write_shard(tmp, s, weights, optim)
+            n_experts = args.moe.num_experts if args.moe else None
+            _write_shard(tmp, s, unstack_experts(weights), unstack_experts(optim, n_experts))
         _write_json(tmp / rank_file(pp_rank), {"pp_rank": pp_rank, "stages": sorted(shards), "rng": rng_state(device)})
     _barrier()
     if rank == 0:
@@ -314,10 +318,13 @@ def load_tensors(
     """Tensors `names` from whichever stage shards hold them (`kind`: "weights" or "optim").
 
     Only headers are read to find them, then only the wanted tensors: any split loads any other.
+    A stacked expert name (`...experts.w1`, `...experts.w1.exp_avg`) is read expert by expert and
+    returned stacked.
     """
     path = Path(path)
     manifest = manifest or read_manifest(path)
-    wanted = set(names)
+    moe = manifest_args(manifest).moe
+    wanted = {n for name in names for n in per_expert_names(name, moe.num_experts if moe else 0)}
     out: dict[str, torch.Tensor] = {}
     for f in _shard_paths(path, manifest, kind):
         if not f.is_file():
@@ -329,7 +336,7 @@ def load_tensors(
     if missing and required:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} {kind} tensor(s): {shown}")
-    return out
+    return stack_experts_(out)
 
 
 def optim_keys(param_names: Iterable[str]) -> list[str]:

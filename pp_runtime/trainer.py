@@ -33,6 +33,7 @@ from pp_runtime.attention_meta import build_training_meta
 from pp_runtime.comm import PeerLink
 from pp_runtime.executor import MicroBatch, PipelineExecutor
 from pp_runtime.model import StageModule
+from pp_runtime.moe import ExpertLoad, expert_token_counts
 from pp_runtime.parallel import ParallelContext
 from pp_runtime.schedules import Schedule
 from pp_runtime.train_data import IGNORE, Batch, PackedDataset, check_batch_shape
@@ -103,6 +104,7 @@ class StepStats:
     mfu: Optional[float]
     epoch: float
     timings: list = field(default_factory=list, repr=False)  # this rank's (Action, start, end)
+    expert_load: Optional[ExpertLoad] = None  # MoE: tokens per expert per layer in the step
 
     def to_json(self) -> dict:
         return {
@@ -110,12 +112,14 @@ class StepStats:
             "tokens": self.tokens, "valid_tokens": self.valid_tokens, "step_time_s": round(self.step_time_s, 6),
             "tokens_per_s": round(self.tokens_per_s, 2), "mfu": None if self.mfu is None else round(self.mfu, 5),
             "epoch": round(self.epoch, 5), "time": time.time(),
+            **({"expert_tokens": self.expert_load.to_json()} if self.expert_load is not None else {}),
         }
 
     def line(self, total_steps: int) -> str:
         mfu = f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""
+        experts = f" | {self.expert_load.line()}" if self.expert_load is not None else ""
         return (f"step {self.step}/{total_steps} | loss {self.loss:.4f} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.4f} | "
-                f"{self.tokens_per_s:,.0f} tok/s{mfu} | {self.step_time_s:.3f}s")
+                f"{self.tokens_per_s:,.0f} tok/s{mfu} | {self.step_time_s:.3f}s{experts}")
 
 
 class Trainer:
@@ -210,6 +214,7 @@ class Trainer:
         loss_sum = record.loss_sum.clone()
         if ctx.distributed:
             dist.all_reduce(loss_sum)  # only last-stage ranks contribute; the sum is over replicas
+        expert_load = self._expert_load()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
@@ -220,9 +225,23 @@ class Trainer:
         mfu = tps * self.flops_per_token / (ctx.world_size * cfg.peak_flops) if ctx.device.type == "cuda" else None
         stats = StepStats(step=self.step_count, loss=float(loss_sum) / max(n_valid, 1), lr=lr, grad_norm=grad_norm,
                           tokens=tokens, valid_tokens=n_valid, step_time_s=dt, tokens_per_s=tps, mfu=mfu,
-                          epoch=self.data.epoch_of(self.position), timings=record.timings)
+                          epoch=self.data.epoch_of(self.position), timings=record.timings, expert_load=expert_load)
         self._log(stats)
         return stats
+
+    def _expert_load(self) -> Optional[ExpertLoad]:
+        """Tokens each expert took in this step (padding of packed rows included: experts compute it
+        too), over every MoE layer and replica; counters restart for the next step."""
+        if not self.args.is_moe:
+            return None
+        counts = torch.zeros(self.args.moe.num_experts, dtype=torch.int64, device=self.ctx.device)
+        for m in self.stages.values():
+            local = expert_token_counts(m, reset=True)
+            if local is not None:
+                counts += local
+        if self.ctx.distributed:
+            dist.all_reduce(counts)  # stages hold disjoint layers; replicas disjoint tokens
+        return ExpertLoad.from_counts(counts, self.args.n_layers)
 
     def _grads(self) -> list[torch.Tensor]:
         """Model gradients, zeros where a parameter got none (an unrouted expert), so reductions line up."""

@@ -5,7 +5,8 @@ backward's FLOPs) can run later, in what would otherwise be pipeline bubble. `Li
 `nn.Linear` that, once `enable_split_backward` marks it, records (input, output gradient) in the
 `WeightGradQueue` collecting during a backward instead of computing its weight gradient there.
 `WeightGradQueue.apply` later does exactly those matmuls, with no second pass through autograd.
-Norm weights, the embedding and biases get their (cheap) gradients in the backward itself.
+Norm weights, the embedding and biases get their (cheap) gradients in the backward itself, and
+so do MoE expert weights (stacked [E, out, in] parameters of grouped matmuls, not Linears).
 """
 
 from __future__ import annotations

@@ -75,3 +75,28 @@ def naive_greedy(args, sd: dict, prompt: list[int], n_new: int) -> list[int]:
     for _ in range(n_new):
         seq.append(int(naive_logits(args, sd, seq)[-1].argmax()))
     return seq[len(prompt):]
+
+
+def moe_expert_loop(x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                    top_k: int) -> torch.Tensor:
+    """The former per-expert MoE loop (host-side counts, one matmul chain per expert with tokens), on
+    stacked weights [E, out, in] so gradients reach them; float32 softmax for half inputs."""
+    logits = x @ gate.T
+    top_logits, top_idx = torch.topk(logits, top_k, dim=-1)
+    upcast = top_logits.float() if top_logits.element_size() < 4 else top_logits
+    weights = torch.softmax(upcast, dim=-1).type_as(x)
+    flat = top_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    token_of = order // top_k
+    out = torch.zeros_like(x)
+    begin = 0
+    for e, cnt in enumerate(counts):
+        if cnt == 0:
+            continue
+        idx, tok = order[begin:begin + cnt], token_of[begin:begin + cnt]
+        xe = x.index_select(0, tok)
+        y = (torch.nn.functional.silu(xe @ w1[e].T) * (xe @ w3[e].T)) @ w2[e].T
+        out = out.index_add(0, tok, y * weights.reshape(-1, 1).index_select(0, idx))
+        begin += cnt
+    return out

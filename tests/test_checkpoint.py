@@ -33,6 +33,7 @@ from pp_runtime.checkpoint import (
 )
 from pp_runtime.errors import CheckpointError
 from pp_runtime.model import StageModule, apply_rope
+from pp_runtime.moe import unstack_experts
 from pp_runtime.partition import plan_for
 from pp_runtime.tokenizer import Tokenizer, find_mistral_v1_tokenizer
 
@@ -86,7 +87,7 @@ def test_consolidated_and_hf_give_same_weights_and_logits(saved, fmt):
     args, state, root = saved
     a = load_stage_module(root / "mistral", args, full_spec(args))
     b = load_stage_module(root / fmt, args, full_spec(args))
-    sa, sb = a.state_dict(), b.state_dict()
+    sa, sb = unstack_experts(a.state_dict()), unstack_experts(b.state_dict())  # checkpoint names
     for k, v in state.items():
         assert torch.equal(sa[k], v) and torch.equal(sb[k], v), k
     tokens = torch.randint(

@@ -27,6 +27,7 @@ from pp_runtime.checkpoint import (  # noqa: E402
 )
 from pp_runtime.kv_cache import RollingKVCache  # noqa: E402
 from pp_runtime.model import StageModule  # noqa: E402
+from pp_runtime.moe import stack_experts_  # noqa: E402
 
 WINDOW = 16
 PROMPT_LENS = (45, 61)  # ~3-4 windows, unequal so packed chunks differ in length
@@ -207,7 +208,7 @@ def test_our_hf_writer_loads_in_transformers(moe, tmp_path):
     save_hf_checkpoint(tmp_path, args, state, shards=3)
     hf = cls.from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float32).eval()
     ours = StageModule(args, full_spec(args))
-    ours.load_state_dict(state)
+    ours.load_state_dict(stack_experts_(state))  # checkpoint layout -> stacked experts
     tokens = _prompts(args.vocab_size)[1]
     torch.testing.assert_close(
         _full_logits(ours, args, tokens, WINDOW), hf(torch.tensor([tokens])).logits[0], atol=ATOL, rtol=ATOL
