@@ -36,7 +36,8 @@ from pp_runtime.partition import plan_for  # noqa: E402
 from pp_runtime.runtime import ModelSource  # noqa: E402
 from pp_runtime.sampling import SamplingParams  # noqa: E402
 from pp_runtime.scheduler import Request  # noqa: E402
-from pp_runtime.step_table import KIND_DATA, Step, StepChunk  # noqa: E402
+from pp_runtime.comm import KIND_DATA
+from pp_runtime.step_table import Step, StepChunk  # noqa: E402
 from pp_runtime.tokenizer import Tokenizer  # noqa: E402
 
 RESULTS: dict[str, dict] = {}

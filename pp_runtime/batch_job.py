@@ -442,7 +442,7 @@ def run(cfg: DictConfig) -> int:
         print(msg + f", {n_input - n_done} to run on {ctx.dp_size} replica(s) x {ctx.pp_size} stage(s)", flush=True)
 
     sampling = default_sampling(cfg)
-    limit = token_limit(source.args, runner.cfg.cache_len)
+    limit = token_limit(source.args, runner.capacity)
 
     def first_stage_checks() -> None:
         if not ctx.is_first:

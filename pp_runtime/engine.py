@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 
 from pp_runtime.args import ModelArgs
-from pp_runtime.comm import StageChannels, decode_text, encode_text
+from pp_runtime.comm import KIND_ABORT, KIND_DATA, KIND_STOP, StageChannels, decode_text, encode_text
 from pp_runtime.errors import ConfigError, PPRuntimeError
-from pp_runtime.model import StageModule
+from pp_runtime.moe import ExpertLoad, expert_token_counts, moe_layers
 from pp_runtime.parallel import ParallelContext, pipe_groups
-from pp_runtime.prompts import check_request, token_limit
+from pp_runtime.prompts import check_request, limit_hint, token_limit
 from pp_runtime.scheduler import Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
 from pp_runtime.stage_runner import StageRunner
-from pp_runtime.step_table import KIND_ABORT, KIND_DATA, KIND_STOP, Step, StepChunk
+from pp_runtime.step_table import Step, StepChunk
 
 __all__ = ["InferenceConfig", "RunStats", "StageRunner", "run_pipeline"]
 
@@ -73,6 +73,7 @@ class RunStats:
     busy_s: list[float] = field(default_factory=list)  # per stage: time spent computing
     loop_s: list[float] = field(default_factory=list)  # per stage: time in its serving loop
     graphs: list[str] = field(default_factory=list)  # per stage: graphs captured and capture time
+    expert_load: str = ""  # MoE: tokens per expert per layer over the run (min / mean / max)
 
     @property
     def busy_fraction(self) -> list[float]:
@@ -90,13 +91,15 @@ class RunStats:
         ]
         if any(self.graphs):
             lines.append("cuda graphs: " + "; ".join(f"stage {i}: {g}" for i, g in enumerate(self.graphs)))
+        if self.expert_load:
+            lines.append(f"experts: {self.expert_load}")
         return "\n".join(lines)
 
 
 def _checked_requests(requests: Iterator[Request], args: ModelArgs, capacity: int) -> Iterator[Request]:
-    limit = token_limit(args, capacity)
+    limit, hint = token_limit(args, capacity), limit_hint(args, capacity)
     for r in requests:
-        check_request(r, limit, f"request {r.id!r}")
+        check_request(r, limit, f"request {r.id!r}", hint)
         yield r
 
 
@@ -137,13 +140,18 @@ def run_pipeline(
     loop_s = time.perf_counter() - t0
     busy = runner.busy_seconds()
     stats.wall_s = loop_s
-    mine = (busy, loop_s, runner.graph_summary())
+    counts = expert_token_counts(runner.module, reset=True)
+    mine = (busy, loop_s, runner.graph_summary(),
+            None if counts is None else (counts.cpu(), len(moe_layers(runner.module))))
     if ctx.pp_size > 1:
         gathered: list = [None] * ctx.pp_size
         dist.all_gather_object(gathered, mine, group=pipe_groups(ctx).control)
     else:
         gathered = [mine]
     stats.busy_s, stats.loop_s, stats.graphs = ([g[i] for g in gathered] for i in range(3))
+    loads = [g[3] for g in gathered if g[3] is not None]
+    if loads:
+        stats.expert_load = ExpertLoad.from_counts(sum(c for c, _ in loads), sum(n for _, n in loads)).line()
     return completions, stats
 
 

@@ -87,7 +87,7 @@ class _Bucket:
     tokens: int
     layout: VarlenLayout
     splits: int
-    meta: torch.Tensor  # int32 [2T + S + plan]: tokens, positions, last-token rows, varlen plan
+    meta: torch.Tensor  # int32 [2T + S + 1 + plan]: tokens, positions, last-token rows, real tokens, plan
     x: Optional[torch.Tensor]  # [T, dim] received activations (stages after the first)
     graphs: dict  # greedy_only -> (CUDAGraph, static output)
 
@@ -133,7 +133,7 @@ class FastStage:
             if self.device.type == "cuda" and tokens <= 16:  # few sequences reading long rings
                 n_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
                 splits = decode_splits(-(-tokens // block_m), self.args.n_kv_heads, self.cache.capacity, n_sms=n_sms)
-            meta = torch.zeros(2 * tokens + self.rows + layout.size, dtype=torch.int32, device=self.device)
+            meta = torch.zeros(2 * tokens + self.rows + 1 + layout.size, dtype=torch.int32, device=self.device)
             x = None if self.first else torch.zeros((tokens, self.args.dim), dtype=self.dtype, device=self.device)
             self.buckets[tokens] = _Bucket(tokens, layout, splits, meta, x, {})
         return self.buckets[tokens]
@@ -148,13 +148,14 @@ class FastStage:
         lens = np.array([c.n_tokens for c in chunks], dtype=np.int64)
         starts = np.array([c.start for c in chunks], dtype=np.int64)
         n = int(lens.sum())
-        out = np.zeros(2 * t + s + b.layout.size, dtype=np.int32)
+        out = np.zeros(2 * t + s + 1 + b.layout.size, dtype=np.int32)
         if tokens is not None:
             out[:n] = tokens
         offsets = np.cumsum(lens) - lens
         out[t : t + n] = np.repeat(starts - offsets, lens) + np.arange(n)  # positions
         out[2 * t : 2 * t + len(chunks)] = offsets + lens - 1  # each sequence's last token
-        out[2 * t + s :] = b.layout.plan([c.slot for c in chunks], starts, lens)
+        out[2 * t + s] = n  # real tokens: MoE layers count experts' load on these only
+        out[2 * t + s + 1 :] = b.layout.plan([c.slot for c in chunks], starts, lens)
         return out
 
     def run(self, step: Step, tokens: Optional[Sequence[int]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -178,7 +179,7 @@ class FastStage:
         """Capture with an empty plan: no sequence, so no cache entry is read or written."""
         t0 = time.perf_counter()
         empty = np.zeros(b.meta.numel(), dtype=np.int32)
-        empty[2 * b.tokens + self.rows :] = b.layout.plan([], [], [])
+        empty[2 * b.tokens + self.rows + 1 :] = b.layout.plan([], [], [])
         b.meta.copy_(torch.from_numpy(empty))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -205,7 +206,8 @@ class FastStage:
         t, s = b.tokens, self.rows
         tokens, positions = b.meta[:t], b.meta[t : 2 * t]
         last_rows = b.meta[2 * t : 2 * t + s]
-        varlen = b.layout.views(b.meta[2 * t + s :])
+        n_real = b.meta[2 * t + s]
+        varlen = b.layout.views(b.meta[2 * t + s + 1 :])
         hq, hk = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         eps = a.norm_eps
         h = F.embedding(tokens, self.module.tok_embeddings.weight) if self.first else b.x
@@ -225,7 +227,7 @@ class FastStage:
             if blk.moe is None:
                 h = F.linear(silu_mul(F.linear(normed, blk.w13)), blk.w2)
             else:
-                h = blk.moe(normed)
+                h = blk.moe(normed, valid_tokens=n_real)
         if not self.last:
             return h if res is None else h + res
         normed, _ = add_rms_norm(h, res, self.module.norm.weight, eps)

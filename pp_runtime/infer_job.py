@@ -57,15 +57,17 @@ def setup_inference(cfg: DictConfig) -> InferenceSetup:
 
 
 def _report_caches(ctx: ParallelContext, runner: StageRunner) -> None:
-    """Rank 0 prints each stage's KV cache (slots x positions), as sized on its own device."""
-    line = f"stage {ctx.pp_rank}: {runner.describe_cache()}"
-    lines = [line]
+    """Rank 0 prints each stage's KV cache (slots x positions), as sized on its own device; every
+    stage then admits requests by the shortest ring of its pipeline."""
+    mine = (f"stage {ctx.pp_rank}: {runner.describe_cache()}", runner.capacity)
+    notes = [mine]
     if ctx.distributed:
-        lines = [None] * ctx.world_size
-        dist.all_gather_object(lines, line)
-        lines = lines[: ctx.pp_size]  # replicas repeat the same layout
+        notes = [None] * ctx.world_size
+        dist.all_gather_object(notes, mine)
+    replica = notes[ctx.dp_rank * ctx.pp_size : (ctx.dp_rank + 1) * ctx.pp_size]
+    runner.capacity = min(cap for _, cap in replica)
     if ctx.rank == 0:
-        print("kv cache: " + "; ".join(lines), flush=True)
+        print("kv cache: " + "; ".join(line for line, _ in replica), flush=True)
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:

@@ -199,14 +199,14 @@ class MoeFeedForward(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- expert load
-def _moe_layers(module: nn.Module) -> list[MoeFeedForward]:
+def moe_layers(module: nn.Module) -> list[MoeFeedForward]:
     return [m for m in module.modules() if isinstance(m, MoeFeedForward)]
 
 
 def expert_token_counts(module: nn.Module, reset: bool = False) -> Optional[torch.Tensor]:
     """Tokens routed to each expert, summed over `module`'s MoE layers ([E] int64, on their device;
     None without MoE layers). Reading it syncs; `reset` zeroes the counters in place (graph-safe)."""
-    layers = _moe_layers(module)
+    layers = moe_layers(module)
     if not layers:
         return None
     counted = [m.expert_tokens for m in layers if m.expert_tokens is not None]
@@ -223,7 +223,7 @@ def expert_token_counts(module: nn.Module, reset: bool = False) -> Optional[torc
 @contextmanager
 def expert_counting_paused(module: nn.Module) -> Iterator[None]:
     """Forwards inside (e.g. warm-up runs before a graph capture) are not counted."""
-    layers = _moe_layers(module)
+    layers = moe_layers(module)
     for m in layers:
         m.counting = False
     try:

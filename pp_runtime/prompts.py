@@ -109,7 +109,17 @@ def token_limit(args, capacity: int) -> int:
     return args.max_seq_len if args.sliding_window is not None and capacity >= args.sliding_window else capacity
 
 
-def check_request(req: Request, limit: int, where: str) -> None:
+def limit_hint(args, capacity: int) -> str:
+    """How to fit a request over `token_limit`: a windowed ring covers any length up to the model's
+    context; a ring without a window holds whole sequences, so its length is the setting to change."""
+    if args.sliding_window is not None and capacity >= args.sliding_window:
+        return "shorten the prompt or lower max_new_tokens"
+    return ("shorten the prompt, lower max_new_tokens, or lengthen each sequence's KV ring: set "
+            "inference.cache_len, or leave it unset and raise inference.gpu_memory_fraction or use fewer "
+            "slots (inference.batch_size x inference.microbatches) or more pipeline stages")
+
+
+def check_request(req: Request, limit: int, where: str, hint: str = "shorten the prompt or lower max_new_tokens") -> None:
     """Reject a request the engine cannot serve, before it takes a cache slot."""
     n = len(req.prompt_tokens)
     if n == 0:
@@ -119,5 +129,5 @@ def check_request(req: Request, limit: int, where: str) -> None:
     if n + req.max_new_tokens > limit:
         raise InputError(
             f"{where}: prompt of {n} tokens + max_new_tokens {req.max_new_tokens} exceeds the "
-            f"model's limit of {limit} tokens; shorten the prompt or lower max_new_tokens"
+            f"model's limit of {limit} tokens; {hint}"
         )

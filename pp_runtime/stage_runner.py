@@ -58,12 +58,10 @@ class _BusyClock:
         return self.host
 
 
-def cache_len_for_memory(args: ModelArgs, n_local_layers: int, n_slots: int, cfg: "InferenceConfig",
-                         device: torch.device, dtype: torch.dtype) -> int:
-    """Ring length per sequence that fits the GPU after the weights already loaded and a reserve for
-    one step's activations: what lets a model without a sliding window run with default settings."""
-    free, total = torch.cuda.mem_get_info(device)
-    elt = torch.finfo(dtype).bits // 8
+def fit_cache_len(free: int, total: int, args: ModelArgs, n_local_layers: int, n_slots: int,
+                  cfg: "InferenceConfig", elt: int, where: str = "the GPU") -> int:
+    """Ring length per sequence that fits `free` of `total` bytes after a reserve for one step's
+    activations: what lets a model without a sliding window run with default settings."""
     a = args
     moe_rows = a.moe.num_experts_per_tok if a.moe else 1
     per_token = (6 * a.dim + (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + 3 * moe_rows * a.hidden_dim) * 4
@@ -73,7 +71,7 @@ def cache_len_for_memory(args: ModelArgs, n_local_layers: int, n_slots: int, cfg
     fit = int(budget // max(per_position, 1)) // 256 * 256
     if fit < min(256, cfg.cache_len):
         raise ConfigError(
-            f"the KV cache does not fit on {device}: {n_slots} slots need {per_position / 2**20:.1f} MiB per "
+            f"the KV cache does not fit on {where}: {n_slots} slots need {per_position / 2**20:.1f} MiB per "
             f"position and {max(budget, 0) / 2**30:.1f} GiB are left under inference.gpu_memory_fraction="
             f"{cfg.gpu_memory_fraction}; lower inference.batch_size or inference.microbatches, use more "
             "pipeline stages, or raise inference.gpu_memory_fraction"
@@ -95,7 +93,9 @@ class StageRunner:
         n_layers = len(module.spec.layers)
         capacity = cfg.cache_len
         if cfg.cache_from_memory and device.type == "cuda":
-            capacity = cache_len_for_memory(args, n_layers, n_slots + int(fast), cfg, device, dtype)
+            free, total = torch.cuda.mem_get_info(device)
+            capacity = fit_cache_len(free, total, args, n_layers, n_slots + int(fast), cfg,
+                                     torch.finfo(dtype).bits // 8, str(device))
         self.capacity = capacity
         # the fast path pads steps with rows that point at one scratch slot no sequence owns
         self.cache = RollingKVCache(list(module.spec.layers), n_slots + int(fast), capacity, args.n_kv_heads,

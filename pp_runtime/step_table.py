@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pp_runtime.comm import KIND_ABORT, KIND_DATA, KIND_STOP, TABLE_COLS  # noqa: F401 - re-exported
+from pp_runtime.comm import TABLE_COLS
 from pp_runtime.sampling import SamplingParams
 
 

@@ -53,18 +53,15 @@ def _generate(rank: int, world: int, ckpt: str, attention: str, spare_slots: int
             "free_slots": free, "free_untouched": untouched, "fast": runner.fast is not None}
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_ckpt):
-    return run_ranks(1, _generate, str(tiny_ckpt), "sdpa", 0)[0]
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_fast_path_equals_reference_path(world, tiny_ckpt, reference, monkeypatch):
+@pytest.mark.parametrize("world, model", [(1, "tiny"), (2, "tiny"), (1, "tiny-moe")])
+def test_fast_path_equals_reference_path(world, model, tiny_ckpt, tiny_moe_ckpt, monkeypatch):
     """Same tokens and finish reasons, logprobs within float32 rounding, for mixed prefill/decode steps
     padded to token buckets; slots no sequence owns (and the scratch slot padding rows point at)
     stay untouched."""
+    ckpt = str(tiny_ckpt if model == "tiny" else tiny_moe_ckpt)
+    reference = run_ranks(1, _generate, ckpt, "sdpa", 0)[0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ranks = run_ranks(world, _generate, str(tiny_ckpt), "triton", 3, timeout=600)
+    ranks = run_ranks(world, _generate, ckpt, "triton", 3, timeout=600)
     assert all(r["fast"] for r in ranks)
     fast = ranks[0]["runs"]
     assert sorted(fast) == sorted(reference["runs"])

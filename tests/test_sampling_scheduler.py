@@ -57,3 +57,24 @@ def test_scheduler_spreads_the_last_sequences_over_the_micro_batches_in_flight()
     alone = StepScheduler(SchedulerConfig(n_slots=6, max_seqs=6, max_tokens=64, chunk_size=8),
                           iter(_requests([2, 2, 2, 2])), eos_id=None)
     assert len(alone.next_microbatch().chunks) == 4  # one micro-batch in flight: no reason to split
+
+
+def test_ring_without_a_window_is_sized_from_free_memory():
+    """Mixtral's shape on one 141 GB GPU holding half the model: the ring follows the budget (not the
+    32k context), shrinks with more slots, and a budget that cannot hold it names the settings."""
+    from pp_runtime.args import preset
+    from pp_runtime.engine import InferenceConfig
+    from pp_runtime.errors import ConfigError
+    from pp_runtime.stage_runner import fit_cache_len
+
+    args = preset("mixtral-8x7b")
+    cfg = InferenceConfig().resolved(args, 2)
+    assert cfg.cache_from_memory and cfg.cache_len == args.max_seq_len
+    gib = 2**30
+    few = fit_cache_len(100 * gib, 141 * gib, args, 16, 8, cfg, 2)
+    many = fit_cache_len(100 * gib, 141 * gib, args, 16, 512, cfg, 2)
+    per_position = 2 * 16 * 512 * args.n_kv_heads * args.head_dim * 2
+    assert few == args.max_seq_len and 256 <= many < args.max_seq_len and many % 256 == 0
+    assert many * per_position <= 141 * gib * 0.9 - 41 * gib  # inside the budget
+    with pytest.raises(ConfigError, match="inference.gpu_memory_fraction"):
+        fit_cache_len(20 * gib, 141 * gib, args, 16, 512, cfg, 2)
