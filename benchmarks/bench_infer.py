@@ -166,7 +166,7 @@ def batch_job(a) -> None:
 
 def peer(a, dev) -> None:
     try:
-        from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+        from transformers import MistralConfig, MistralForCausalLM
     except ImportError as e:
         emit("peer", error=f"transformers missing: {e}")
         return
@@ -187,22 +187,34 @@ def peer(a, dev) -> None:
                  note="8 separate rows, not packed" if rows > 1 else "")
         except Exception as e:  # noqa: BLE001
             emit(f"peer_prefill_{rows}x{length}", error=f"{type(e).__name__}: {e}"[:500])
+    peer_decode(model, args.vocab_size, dev, 128)
+    peer_batch(model, file_prompts(a.prompts, Tokenizer.from_dir(a.ckpt)), a.max_new)
+
+
+def peer_decode(model, vocab: int, dev, new_tokens: int) -> None:
+    """transformers' per-step decode time at B=1 and B=64 after 128-token prompts: static cache (compiled),
+    (generate N tokens - generate 1 token) / (N - 1), so its prefill drops out."""
     for batch in (1, 64):
-        ids = torch.randint(3, args.vocab_size, (batch, 128), device=dev)
+        ids = torch.randint(3, vocab, (batch, 128), device=dev)
         kw = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
         try:
             with torch.inference_mode():
                 for _ in range(2):  # compiles on the first calls
-                    model.generate(ids, max_new_tokens=128, min_new_tokens=128, **kw)
+                    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
                 one = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), 3)
-                full = timed(lambda: model.generate(ids, max_new_tokens=128, min_new_tokens=128, **kw), 3)
-            ms = 1e3 * (full - one) / 127
+                full = timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw), 3)
+            ms = 1e3 * (full - one) / (new_tokens - 1)
             emit(f"peer_decode_b{batch}", ms_per_step=round(ms, 3), tok_s=round(batch * 1e3 / ms, 1),
-                 note="static cache, compiled; (generate 128 - generate 1) / 127")
+                 note="static cache, compiled")
         except Exception as e:  # noqa: BLE001 - the peer's failure is a result to report, not ours
             emit(f"peer_decode_b{batch}", error=f"{type(e).__name__}: {e}"[:500])
-    prompts = file_prompts(a.prompts, Tokenizer.from_dir(a.ckpt))
-    gen = GenerationConfig(max_new_tokens=a.max_new, do_sample=False, eos_token_id=2, pad_token_id=0)
+
+
+def peer_batch(model, prompts: list[list[int]], max_new: int) -> None:
+    """transformers' `generate_batch` (continuous batching) over the prompts, its warm-up included."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=2, pad_token_id=0)
     try:
         t = time.perf_counter()
         out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)

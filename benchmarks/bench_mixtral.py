@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_infer import emit, file_prompts, random_requests, sync, timed  # noqa: E402
+from bench_infer import emit, file_prompts, peer_batch, peer_decode, random_requests, sync  # noqa: E402
 from pp_runtime.args import preset  # noqa: E402
 from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
 from pp_runtime.parallel import init_parallel, shutdown  # noqa: E402
@@ -79,7 +79,7 @@ def _tokenizer(path: str) -> Tokenizer:
 
 
 def peer(a) -> None:
-    from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = preset(a.preset)
@@ -96,36 +96,8 @@ def peer(a) -> None:
     torch.set_default_dtype(torch.float32)
     sync()
     emit("peer_load", seconds=round(time.perf_counter() - t, 1))
-    for batch in (1, 64):
-        ids = torch.randint(3, args.vocab_size, (batch, 128), device=dev)
-        kw = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
-        try:
-            with torch.inference_mode():
-                for _ in range(2):
-                    model.generate(ids, max_new_tokens=a.decode_new, min_new_tokens=a.decode_new, **kw)
-                one = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), 2)
-                full = timed(lambda: model.generate(ids, max_new_tokens=a.decode_new, min_new_tokens=a.decode_new,
-                                                    **kw), 2)
-            ms = 1e3 * (full - one) / (a.decode_new - 1)
-            emit(f"peer_decode_b{batch}", ms_per_step=round(ms, 3), tok_s=round(batch * 1e3 / ms, 1),
-                 note="static cache, compiled")
-        except Exception as e:  # noqa: BLE001 - the peer's failure is a result to report
-            emit(f"peer_decode_b{batch}", error=f"{type(e).__name__}: {e}"[:400])
-    prompts = file_prompts(a.prompts, _tokenizer(a.tokenizer))
-    gen = GenerationConfig(max_new_tokens=a.max_new, do_sample=False, eos_token_id=2, pad_token_id=0)
-    try:
-        t = time.perf_counter()
-        out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
-        sync()
-        dt = time.perf_counter() - t
-        failed = [k for k, o in out.items() if not o.generated_tokens]
-        if len(out) != len(prompts) or failed:
-            raise RuntimeError(f"{len(out)} results for {len(prompts)} prompts, {len(failed)} without tokens")
-        generated = sum(len(o.generated_tokens) for o in out.values())
-        emit("peer_batch", tok_s=round((sum(map(len, prompts)) + generated) / dt, 1), wall_s=round(dt, 1),
-             generated_tokens=generated)
-    except Exception as e:  # noqa: BLE001
-        emit("peer_batch", error=f"{type(e).__name__}: {e}"[:400])
+    peer_decode(model, args.vocab_size, dev, a.decode_new)
+    peer_batch(model, file_prompts(a.prompts, _tokenizer(a.tokenizer)), a.max_new)
 
 
 def main() -> None:
