@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pp_runtime.demo import task
+from pp_runtime.threads import per_process
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path(__file__).resolve().parent / "model"
@@ -108,7 +109,7 @@ def launcher(nproc: int) -> list[str]:
 
 def child_env(nproc: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    env.setdefault("OMP_NUM_THREADS", str(per_process(nproc)))  # also keeps torchrun from forcing 1
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
