@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> int:
         progress.close()
     all_records, all_stats = _gather_to_rank0(ctx, records, stats)
     if ctx.rank == 0:
-        progress.close(len(all_records))
+        progress.close()  # after the gather: every replica has published its count
         all_records.sort(key=lambda r: r[0])
         _write(cfg, [r for _, r in all_records])
         _demo_hint(source, [r for _, r in all_records])

@@ -88,14 +88,15 @@ class InferProgress:
         else:
             print(self.line(n, time.perf_counter() - self.t0), file=self.stream, flush=True)
 
-    def close(self, total_done: Optional[int] = None) -> None:
-        """Publish the last count; rank 0 stops its reporter and shows the final count."""
+    def close(self) -> None:
+        """Publish the last count; rank 0 (after every other rank closed) stops its reporter and
+        shows the final count."""
         if self._store is not None and self.ctx.rank != 0 and self.mine != self._published:
             self._publish()
         if not self._reporting:
             return
         self._stop.set()
         self._thread.join()
-        self._show(total_done if total_done is not None else self.done())
+        self._show(self.done())
         if self._bar is not None:
             self._bar.close()

@@ -11,8 +11,8 @@
    check every answer, and install the folder (+ EVAL.json) at `--out` only if the accuracy
    reaches `--min-accuracy`.
 
-With the defaults (1200 steps of 16 x 64 tokens, 2 stages) training takes about 4.5 CPU-minutes
-(about 3 minutes on 2 cores) and the model answers ~98% of held-out questions; the numbers of the
+With the defaults (1200 steps of 16 x 64 tokens, 2 stages) the whole rebuild takes about 3 minutes
+on 2 CPU cores and the model answers ~98% of held-out questions; the numbers of the
 run that made the committed model are in its EVAL.json. `--eval-only` re-scores an installed model.
 `evaluate` answers any task questions with any model folder; tests/test_demo_model.py uses it.
 
