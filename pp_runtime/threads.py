@@ -3,7 +3,8 @@
 Left alone, torch starts one thread per core in every process, and its OpenMP threads spin while
 they wait for one another; on a machine that is busy (other jobs, or several ranks each with all
 the cores) a thread that lost its core stalls the rest: on a shared 2-core machine the
-one-process demo batch job ran 5-8x slower than with one thread, the fine-tune 7x or worse. torchrun sets OMP_NUM_THREADS=1 only for `--nproc_per_node>1`.
+one-process demo batch job ran 5-8x slower than with one thread, the fine-tune 7x or worse.
+torchrun sets OMP_NUM_THREADS=1 only for `--nproc_per_node>1`.
 
 So when OMP_NUM_THREADS is unset, entry points (`configure_threads()`, before torch starts its
 pool) use the cores of this process's CPU affinity divided by the ranks on this machine, and let
