@@ -28,6 +28,8 @@ def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -
         hint = ""
         if "Could not override" in str(e) or "not in struct" in str(e):
             hint = f"; known keys: {_known_keys(job, conf_dir)}"
+        elif "Available options in" in str(e):
+            hint = f"; choose one of {', '.join(_available_options(str(e)))}"
         elif "Error parsing override" in str(e):
             hint = """; quote a value that holds '=' or brackets, e.g. 'prompt="1+1="'"""
         raise ConfigError(f"bad override: {first}{hint}") from None
@@ -42,6 +44,16 @@ def _known_keys(job: str, conf_dir: Path) -> str:
     cfg = OmegaConf.load(conf_dir / f"{job}.yaml")
     groups = [next(iter(d)) + ".*" for d in cfg.get("defaults", []) if not isinstance(d, str)]  # "_self_" is a str
     return ", ".join([k for k in cfg.keys() if k != "defaults"] + groups)
+
+
+def _available_options(message: str) -> list[str]:
+    """The tab-indented names Hydra lists under "Available options in 'group':"."""
+    names = []
+    for line in message.split("Available options in", 1)[1].splitlines()[1:]:
+        if not line.startswith("\t"):
+            break
+        names.append(line.strip())
+    return names
 
 
 def resolve_path(p: str | None) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,13 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from pp_runtime.args import ModelArgs, preset
 from pp_runtime.config import resolve_path
-from pp_runtime.errors import ConfigError
+from pp_runtime.errors import CheckpointError, ConfigError
 from pp_runtime.model import StageModule
 from pp_runtime.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.partition import StagePlan, plan_for
+from pp_runtime.run_definition import differences, run_definition
 from pp_runtime.runtime import ModelSource, resolve_dtype
 from pp_runtime.schedules import Schedule, build_schedule, check_microbatches, load_schedule
 from pp_runtime.simulator import simulate
+from pp_runtime.threads import startup_line
 from pp_runtime.train_data import PackedDataset, check_batch_shape, validate_token_ids
 from pp_runtime.trainer import StepStats, TrainConfig, Trainer
 from pp_runtime import train_checkpoint as tc
@@ -106,9 +109,10 @@ def load_tokenizer(cfg: DictConfig, source: ModelSource):
     export is inference-ready) unless model.args sets vocab_size explicitly."""
     from pp_runtime.tokenizer import Tokenizer
 
-    where = resolve_path(cfg.data.get("tokenizer")) or source.path
+    where = resolve_path(cfg.data.get("tokenizer") or cfg.model.get("tokenizer")) or source.path
     if where is None:
-        raise ConfigError("a model trained from scratch needs a tokenizer: set data.tokenizer=DIR (a folder with tokenizer.model)")
+        raise ConfigError("a model trained from scratch needs a tokenizer: set data.tokenizer=PATH (tokenizer.model "
+                          "or its folder; model.tokenizer= works too)")
     tok = Tokenizer.from_dir(where)
     explicit = isinstance(cfg.model.get("args"), DictConfig) and cfg.model.args.get("vocab_size") is not None
     if source.path is None and not explicit and tok.vocab_size != source.args.vocab_size:
@@ -133,6 +137,8 @@ class Job:
     ckpt_root: Path
     resumed_from: Optional[Path]
     metrics_path: Path
+    definition: dict[str, Any]  # what makes this run this run (run_definition), stored in every manifest
+    notes: list[str]  # start-up remarks for rank 0 to print
 
 
 def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dtype: torch.dtype,
@@ -165,12 +171,23 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     validate_token_ids(data, args.vocab_size, str(tokenizer.path))
     out_dir = resolve_path(cfg.out_dir)
     ckpt_root = resolve_path(cfg.checkpoint.get("dir")) or out_dir / "checkpoints"
+    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+    definition = run_definition(cfg, source, tcfg, data, dtype)
     resume = tc.resolve_resume(cfg.get("resume"), ckpt_root)
-    manifest = None
+    manifest, notes = None, []
     if resume is not None:
         manifest = tc.read_manifest(resume)
         tc.check_same_model(manifest, args, resume)
-    dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+        changed = differences(manifest.get("run"), definition)
+        if changed and str(cfg.get("resume")) == "auto":
+            raise CheckpointError(
+                f"{ckpt_root} holds another run (step {manifest['step']}; {'; '.join(changed)}); resume=auto only "
+                "continues the same run: give this one its own out_dir= (or checkpoint.dir=), or pass resume=null "
+                f"to start over there (its checkpoints are removed), or resume={resume} to continue that checkpoint "
+                "with the new settings"
+            )
+        if changed:
+            notes.append(f"note: resuming {resume} with settings that differ from the run that saved it: {'; '.join(changed)}")
     stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None)
     metrics_path = resolve_path(cfg.metrics.get("file")) or out_dir / "metrics.jsonl"
     trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path)
@@ -180,12 +197,9 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
         optim = tc.load_tensors(resume, tc.optim_keys(names), kind="optim", manifest=manifest, device=ctx.device,
                                 required=int(manifest["step"]) > 0)
         trainer.load_state(weights, optim, step=int(manifest["step"]), position=int(manifest["data"]["position"]))
-        saved_fp = manifest["data"].get("fingerprint")
-        if ctx.rank == 0 and saved_fp is not None and saved_fp != data.fingerprint():
-            print(f"warning: the data differs from the data the checkpoint was trained on ({saved_fp} vs {data.fingerprint()})",
-                  flush=True)
         tc.load_rng(resume, ctx.pp_rank, ctx.device)
-    return Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path)
+    return Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path,
+               definition, notes)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -201,7 +215,7 @@ def save(job: Job, cfg: DictConfig) -> Path:
         rank=job.ctx.rank, pp_rank=job.ctx.pp_rank, dp_rank=job.ctx.dp_rank, position=t.position,
         data={"path": str(resolve_path(cfg.data.path)), "fingerprint": job.data.fingerprint()},
         config=OmegaConf.to_container(cfg, resolve=True), tokenizer=str(job.tokenizer.path),
-        keep=int(cfg.checkpoint.keep), device=job.ctx.device,
+        keep=int(cfg.checkpoint.keep), device=job.ctx.device, extra={"run": job.definition},
     )
 
 
@@ -229,21 +243,30 @@ def run(cfg: DictConfig) -> int:
         sim = simulate(job.schedule)
         print(f"model: {n_params / 1e6:.2f}M parameters; {ctx.pp_size} stage(s) x {ctx.dp_size} replica(s), "
               f"schedule {job.schedule.name} with {job.schedule.n_microbatches} micro-batches "
-              f"(simulated bubble {sim.bubble_fraction:.3f})\n{job.plan.describe()}", flush=True)
+              f"(simulated bubble {sim.bubble_fraction:.3f})\n{job.plan.describe()}\n{startup_line()}", flush=True)
+        for note in job.notes:
+            print(note, flush=True)
         print(f"data: {len(job.data)} rows of {job.data.seq_len} tokens; "
               + (f"resumed from {job.resumed_from} at step {t.step_count}" if job.resumed_from else "starting at step 0"),
               flush=True)
         if job.resumed_from is None:
+            _remove_earlier_run(job.ckpt_root)
             job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             job.metrics_path.write_text("")
+        if job.resumed_from is not None and t.step_count >= t.cfg.steps:
+            print(f"nothing left to do: the checkpoint is at step {t.step_count} and train.steps={t.cfg.steps}; "
+                  "raise train.steps to train further", flush=True)
     every = int(cfg.checkpoint.every)
     last_saved: Optional[Path] = job.resumed_from
     saved_step = t.step_count if job.resumed_from is not None else None
+    first_step = t.step_count
     stats = None
     while t.step_count < t.cfg.steps:
         stats = t.step()
         if every > 0 and t.step_count % every == 0 and t.step_count < t.cfg.steps:
             last_saved, saved_step = save(job, cfg), t.step_count
+            if ctx.rank == 0:
+                print(f"checkpoint: step {t.step_count} saved to {last_saved}", flush=True)
     if saved_step != t.step_count:
         last_saved = save(job, cfg)
     if ctx.rank == 0:
@@ -254,10 +277,30 @@ def run(cfg: DictConfig) -> int:
         if ctx.rank == 0:
             dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)  # default: the model dtype
             out = tc.export_checkpoint(last_saved, resolve_path(cfg.export), tokenizer=job.tokenizer.path, dtype=dtype)
-            print(f"exported to {out} (params.json, consolidated.safetensors, tokenizer.model)", flush=True)
+            print(f"exported step {t.step_count} to {out} (params.json, consolidated.safetensors, tokenizer.model)"
+                  + _export_provenance(first_step, t.step_count, job.resumed_from), flush=True)
         if ctx.distributed:
             dist.barrier()
     return 0
+
+
+def _remove_earlier_run(ckpt_root: Path) -> None:
+    """A fresh start owns its checkpoint folder: an earlier run's later steps would otherwise be taken
+    for this run's latest (by resume=auto) or outlive this run's own saves (checkpoint.keep)."""
+    earlier = tc.list_checkpoints(ckpt_root)
+    if earlier:
+        for path in earlier:
+            shutil.rmtree(path)
+        print(f"resume=null: removed {len(earlier)} checkpoint(s) of an earlier run from {ckpt_root}", flush=True)
+
+
+def _export_provenance(first_step: int, last_step: int, resumed_from: Optional[Path]) -> str:
+    """Say so when the exported weights come from no step of this invocation."""
+    if last_step > first_step:
+        return ""
+    if resumed_from is not None:
+        return f"; no step ran now: these are the weights of {resumed_from}"
+    return "; no step ran (train.steps=0): these are the starting weights"
 
 
 def _meta_model(args: ModelArgs) -> StageModule:

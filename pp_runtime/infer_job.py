@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -13,11 +12,13 @@ from omegaconf import DictConfig
 from pp_runtime.config import resolve_path
 from pp_runtime.engine import InferenceConfig, RunStats, StageRunner, run_pipeline
 from pp_runtime.errors import CheckpointError, ConfigError, InputError
+from pp_runtime.infer_progress import InferProgress
 from pp_runtime.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.prompts import PromptRecord, check_input_file, iter_lines, make_request, parse_prompt_line
 from pp_runtime.runtime import DEMO_DIR, ModelSource, make_plan, resolve_dtype
 from pp_runtime.sampling import SamplingParams
 from pp_runtime.scheduler import Completion, Request
+from pp_runtime.threads import startup_line
 from pp_runtime.tokenizer import Tokenizer
 
 
@@ -40,10 +41,11 @@ def setup_inference(cfg: DictConfig) -> InferenceSetup:
         source = ModelSource.from_config(cfg.model)
         plan = make_plan(source.args, ctx, cfg.pipeline)
         if ctx.rank == 0:
-            print(f"stage plan ({ctx.pp_size} stage(s) x {ctx.dp_size} replica(s)):\n{plan.describe()}", flush=True)
+            print(f"stage plan ({ctx.pp_size} stage(s) x {ctx.dp_size} replica(s)):\n{plan.describe()}\n"
+                  f"{startup_line()}", flush=True)
         tokenizer = None
         if ctx.is_first:
-            tokenizer = load_tokenizer(source)
+            tokenizer = load_tokenizer(source, cfg.model.get("tokenizer"))
             if cfg.get("input") is not None:
                 check_input_file(resolve_path(cfg.input))
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
@@ -70,14 +72,17 @@ def _report_caches(ctx: ParallelContext, runner: StageRunner) -> None:
         print("kv cache: " + "; ".join(line for line, _ in replica), flush=True)
 
 
-def load_tokenizer(source: ModelSource) -> Tokenizer:
-    if source.path is None:
-        raise ConfigError("a random `preset` model has no tokenizer; give model.path=DIR with a tokenizer.model")
-    tok = Tokenizer.from_dir(source.path)
+def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None) -> Tokenizer:
+    """`model.tokenizer` when given, else the tokenizer.model in the checkpoint folder."""
+    where = resolve_path(tokenizer) or source.path
+    if where is None:
+        raise ConfigError("a random `preset` model has no tokenizer; set model.tokenizer=PATH (a tokenizer.model "
+                          "with the preset's vocab_size) or give model.path=DIR with a tokenizer.model")
+    tok = Tokenizer.from_dir(where)
     if tok.vocab_size != source.args.vocab_size:
         raise CheckpointError(
             f"{tok.path} has {tok.vocab_size} pieces but the model's vocab_size is {source.args.vocab_size}; "
-            "use the tokenizer that belongs to these weights"
+            "use the tokenizer that belongs to these weights (model.tokenizer=PATH)"
         )
     return tok
 
@@ -133,35 +138,43 @@ def run(cfg: DictConfig) -> int:
     setup = setup_inference(cfg)
     ctx, source, runner, tokenizer = setup.ctx, setup.source, setup.runner, setup.tokenizer
     requests = replica_requests(cfg, ctx, source, tokenizer) if ctx.is_first else None
-    bar = _progress(cfg, ctx)
+    progress = _progress(cfg, ctx)
     records: list[tuple[int, dict]] = []
 
     def on_complete(c: Completion) -> None:
         records.append((c.request.uid, completion_record(c, tokenizer)))
-        if bar is not None:
-            bar.update(1)
+        progress.finished()
 
     _, stats = run_pipeline(ctx, runner, requests, tokenizer.eos_id if tokenizer else None, on_complete)
-    if bar is not None:
-        bar.close()
+    if ctx.rank != 0:
+        progress.close()
     all_records, all_stats = _gather_to_rank0(ctx, records, stats)
     if ctx.rank == 0:
+        progress.close()  # after the gather: every replica has published its count
         all_records.sort(key=lambda r: r[0])
         _write(cfg, [r for _, r in all_records])
+        _demo_hint(source, [r for _, r in all_records])
         print(all_stats.summary(), flush=True)
     return 0
 
 
-def _progress(cfg: DictConfig, ctx: ParallelContext):
-    """Rank 0 counts its replica's finished prompts: a bar on a terminal, a line every 30 s in logs."""
-    if ctx.rank != 0 or not cfg.progress or cfg.input is None:
-        return None
-    from tqdm import tqdm
+def _progress(cfg: DictConfig, ctx: ParallelContext) -> InferProgress:
+    """For input files: rank 0 reports finished prompts over all replicas (every progress_interval
+    seconds in logs)."""
+    enabled = bool(cfg.progress) and cfg.input is not None
+    total = sum(1 for _ in iter_lines(resolve_path(cfg.input))) if enabled and ctx.rank == 0 else None
+    return InferProgress(ctx, total, enabled, float(cfg.get("progress_interval", 30)))
 
-    if sys.stderr.isatty():
-        return tqdm(desc="prompts", unit="prompt", file=sys.stderr)
-    return tqdm(desc="prompts", unit="prompt", file=sys.stderr, mininterval=30, ascii=True,
-                bar_format="{desc}: {n} done | {rate_fmt} | elapsed {elapsed}\n")
+
+def _demo_hint(source: ModelSource, records: list[dict]) -> None:
+    """The demo model only knows its task's characters: say so when a prompt strays from them."""
+    if source.path != DEMO_DIR:
+        return
+    from pp_runtime.demo import task
+
+    if any(set(r["prompt"]) - set(task.CHARS) for r in records):
+        print(f"note: the demo model knows only the characters {task.CHARS!r} ({task.DESCRIPTION}); "
+              "other text gets empty or meaningless answers", flush=True)
 
 
 def _gather_to_rank0(ctx: ParallelContext, records: list, stats: RunStats) -> tuple[list, RunStats]:

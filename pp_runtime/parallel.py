@@ -83,10 +83,9 @@ def init_parallel(stages: Optional[int] = None, data_parallel: int = 1, device: 
         raise ConfigError(f"pipeline.data_parallel={data_parallel} must be at least 1")
     pp = stages if stages else world // data_parallel
     if pp < 1 or pp * data_parallel != world:
-        raise ConfigError(
-            f"pipeline.stages={stages} x pipeline.data_parallel={data_parallel} must equal the number of "
-            f"processes ({world}); change them or --nproc_per_node / --nnodes"
-        )
+        problem = (f"pipeline.stages={stages} x pipeline.data_parallel={data_parallel} must equal" if stages
+                   else f"pipeline.data_parallel={data_parallel} must divide")
+        raise ConfigError(f"{problem} the number of processes ({world}); change them or --nproc_per_node / --nnodes")
     if world == 1:
         return ParallelContext(device=dev)
     if not dist.is_initialized():

@@ -1,15 +1,21 @@
 """Write a randomly initialised Mistral-format checkpoint of any preset, one tensor at a time.
 
     python -m pp_runtime.random_checkpoint --preset mistral-7b --out DIR [--dtype bfloat16] [--seed 0]
-        [--layers N] [--tokenizer PATH]
+        [--layers N] [--tokenizer PATH | --no-tokenizer]
 
 Only one tensor is in memory at once, so a 7B (14.5 GB in bf16) or 8x7B model can be written on a
 machine with little RAM. The weights equal `checkpoint.random_state_dict(args, seed, dtype)`.
+
+The folder is ready for inference: it gets a tokenizer.model (`--tokenizer`, else Mistral's v1
+tokenizer from the mistral-common package when it is installed) and the model's vocab_size is the
+tokenizer's. mistral-common stays optional (the `test` extra): it brings pydantic, tiktoken, pillow
+and more for one 0.5 MB file, and real checkpoints ship their own tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -25,6 +31,26 @@ from pp_runtime.errors import PPRuntimeError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+NO_TOKENIZER_NOTE = (
+    "no tokenizer written: Mistral's v1 tokenizer comes with mistral-common, which is not installed "
+    "(pip install mistral-common, or pass --tokenizer PATH); until then give inference model.tokenizer=PATH"
+)
+
+
+def default_tokenizer(given: Optional[str], wanted: bool = True) -> Optional[Path]:
+    """The tokenizer to write: `given`, else mistral-common's v1 model, else None."""
+    from pp_runtime.tokenizer import find_mistral_v1_tokenizer
+
+    if not wanted:
+        return None
+    if given is not None:
+        src = Path(given)
+        if not src.is_file():
+            raise PPRuntimeError(f"--tokenizer {given!r} is not a file; give the path of a sentencepiece tokenizer.model")
+        return src
+    return find_mistral_v1_tokenizer()
+
+
 def write_random_checkpoint(
     out: str | Path,
     args: ModelArgs,
@@ -33,16 +59,13 @@ def write_random_checkpoint(
     tokenizer: Optional[str | Path] = None,
     device: str = "cpu",
 ) -> Path:
-    """params.json + consolidated.safetensors (+ tokenizer.model) with random weights; returns the folder."""
+    """params.json + consolidated.safetensors (+ a copy of `tokenizer`) with random weights; returns the folder.
+
+    `args.vocab_size` must already match the tokenizer (see `main`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
-        src = Path(tokenizer)
-        if not src.is_file():
-            raise PPRuntimeError(
-                f"--tokenizer {str(src)!r} is not a file; give the path of a sentencepiece tokenizer.model"
-            )
-        shutil.copyfile(src, out / "tokenizer.model")
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
     shapes = stage_shapes(args, full_spec(args))
     write_safetensors_streaming(
         out / "consolidated.safetensors",
@@ -60,7 +83,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model to copy into the folder")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", default=None,
+                     help="tokenizer.model to copy into the folder (default: Mistral's v1 from mistral-common, if installed)")
+    tok.add_argument("--no-tokenizer", action="store_true", help="write the weights only")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
     p.add_argument("--device", default="cpu",
                    help="draw the weights here (cuda: seconds for 7B; other numbers than the cpu default)")
@@ -75,12 +101,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise PPRuntimeError(
                 f"{ns.out} already holds a checkpoint; pass --force to overwrite it or pick another --out"
             )
-        out = write_random_checkpoint(ns.out, args, ns.seed, DTYPES[ns.dtype], ns.tokenizer, ns.device)
+        tokenizer = default_tokenizer(ns.tokenizer, wanted=not ns.no_tokenizer)
+        vocab_note = ""
+        if tokenizer is not None:
+            from pp_runtime.tokenizer import Tokenizer
+
+            vocab = Tokenizer(tokenizer).vocab_size
+            if vocab != args.vocab_size:  # inference needs the two to agree
+                vocab_note = f", vocab_size {args.vocab_size} -> {vocab} to fit the tokenizer"
+                args = dataclasses.replace(args, vocab_size=vocab)
+        out = write_random_checkpoint(ns.out, args, ns.seed, DTYPES[ns.dtype], tokenizer, ns.device)
     except PPRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = (out / "consolidated.safetensors").stat().st_size
-    print(f"wrote {ns.preset} ({args.n_layers} layers, {ns.dtype}, seed {ns.seed}) to {out}: {size / 1e9:.2f} GB")
+    print(f"wrote {ns.preset} ({args.n_layers} layers, {ns.dtype}, seed {ns.seed}{vocab_note}) to {out}: "
+          f"{size / 1e9:.2f} GB" + (f"; tokenizer {tokenizer}" if tokenizer is not None else ""))
+    if tokenizer is None and not ns.no_tokenizer:
+        print(f"note: {NO_TOKENIZER_NOTE}", file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from pp_runtime.errors import ConfigError, PPRuntimeError
-from pp_runtime.schedules import SCHEDULE_NAMES, Action, Schedule, build_schedule, load_schedule
+from pp_runtime.schedules import SCHEDULE_NAMES, Action, Schedule, build_schedule, canonical_name, load_schedule
 from pp_runtime.simulator import SimResult, Timed, Timings, simulate
 
 # (base colour, text colour) per action kind; later virtual chunks are drawn lighter
@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m pp_runtime.timeline", description="Validate, simulate and draw a pipeline schedule."
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--schedule", choices=SCHEDULE_NAMES, help="built-in schedule")
+    src.add_argument("--schedule", type=_schedule_name, metavar="NAME",
+                     help=f"built-in schedule: {', '.join(SCHEDULE_NAMES)} (zb_h1 is the same as zb-h1)")
     src.add_argument("--file", type=Path, help="JSON schedule file to validate and draw")
     p.add_argument("--ranks", type=int, help="pipeline ranks (with --schedule)")
     p.add_argument("--microbatches", type=int, help="micro-batches per step (with --schedule)")
@@ -113,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None, help="figure title (default: schedule description)")
     p.add_argument("--list", action="store_true", help="also print each rank's action list")
     return p
+
+
+def _schedule_name(text: str) -> str:
+    """Any spelling the fine-tuning config accepts (zb-h1 or zb_h1), as the canonical name."""
+    try:
+        return canonical_name(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _schedule_from_args(args: argparse.Namespace) -> Schedule:

@@ -21,7 +21,7 @@ class Tokenizer:
         if not model_path.is_file():
             raise CheckpointError(
                 f"tokenizer file {str(model_path)!r} does not exist; put Mistral's tokenizer.model next to the "
-                "weights or set the tokenizer path explicitly"
+                "weights or set model.tokenizer=PATH"
             )
         self.path = model_path
         self._sp = SentencePieceProcessor(model_file=str(model_path))
@@ -32,12 +32,14 @@ class Tokenizer:
         path = Path(path)
         if path.is_file():
             return cls(path)
+        if not path.exists():
+            raise CheckpointError(f"tokenizer path {str(path)!r} does not exist; give a tokenizer.model or its folder")
         for name in TOKENIZER_NAMES:
             if (path / name).is_file():
                 return cls(path / name)
         raise CheckpointError(
             f"no tokenizer in {str(path)!r}: expected one of {', '.join(TOKENIZER_NAMES)}; copy Mistral's "
-            "tokenizer.model into the folder (random_checkpoint --tokenizer does this) or pass its path"
+            "tokenizer.model into the folder or set model.tokenizer=PATH"
         )
 
     @property

@@ -345,7 +345,7 @@ def test_random_checkpoint_cli(tmp_path, v1_tokenizer, capsys):
     r = _cli("--preset", "tiny", "--out", str(out), "--seed", "3", "--layers", "2", "--tokenizer", str(v1_tokenizer))
     assert r.returncode == 0, r.stderr
     args = load_model_args(out)
-    assert args == preset("tiny", n_layers=2)
+    assert args == preset("tiny", n_layers=2, vocab_size=32000)  # the vocabulary follows the tokenizer
     model = load_stage_module(out, args, full_spec(args))
     expected = random_state_dict(args, seed=3, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -47,7 +47,8 @@ def test_two_stages_and_two_replicas_write_the_same_file_as_one(tiny_ckpt, tmp_p
     base = [f"model.path={tiny_ckpt}", "input=in.jsonl", "max_new_tokens=6", "model.dtype=float64"]
     one = _run(base + ["output=one.jsonl"], cwd=tmp_path)
     two = _run(base + ["output=two.jsonl", "inference.microbatches=3"], cwd=tmp_path, ranks=2)
-    replicas = _run(base + ["output=dp.jsonl", "pipeline.stages=1", "pipeline.data_parallel=2"], cwd=tmp_path, ranks=2)
+    replicas = _run(base + ["output=dp.jsonl", "pipeline.stages=1", "pipeline.data_parallel=2", "progress_interval=0.1"],
+                    cwd=tmp_path, ranks=2)
     for r in (one, two, replicas):
         assert r.returncode == 0, r.stderr
     a = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
@@ -55,6 +56,11 @@ def test_two_stages_and_two_replicas_write_the_same_file_as_one(tiny_ckpt, tmp_p
         b = [json.loads(x) for x in (tmp_path / other).read_text().splitlines()]
         assert [(x["id"], x["tokens"]) for x in a] == [(x["id"], x["tokens"]) for x in b]
     assert "5 prompts" in replicas.stdout  # the summary adds up both replicas
+    # stderr is a pipe, not a terminal: plain progress lines; the last counts both replicas (rank 0's has 3)
+    lines = [ln for ln in replicas.stderr.splitlines() if ln.startswith("progress: ")]
+    assert lines and lines[-1].startswith("progress: 5/5 (100.0%) prompts | "), replicas.stderr
+    assert "\r" not in replicas.stderr
+    assert "threads: " in one.stdout
 
 
 def _bad_params(tiny_ckpt, tmp_path):
