@@ -1,13 +1,43 @@
-"""Thin-entry-point support: turn user errors into one line on stderr and a non-zero exit."""
+"""Thin-entry-point support: Hydra's command line, and user errors as one line on stderr with a
+non-zero exit."""
 
 from __future__ import annotations
 
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pp_runtime.errors import PPRuntimeError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+def hydra_main(job: str, run_job: Callable[["DictConfig"], int | None], sweeps: bool = False) -> None:
+    """Run `run_job` under Hydra's full command line over `conf/<job>.yaml`: `--help`, `--cfg job`,
+    `--config-dir`/`--config-name`, `+group=option`, and `--multirun` when `sweeps`.
+
+    The command line is checked first (`config.check_command_line`), so a bad flag or override is
+    one `error:` line and exit 2 rather than Hydra's own report. A failing job ends the process
+    with its code (in a sweep, the remaining jobs do not run)."""
+
+    def main(argv: list[str]) -> int:
+        import hydra
+
+        from pp_runtime.config import CONF_DIR, check_command_line
+
+        check_command_line(job, argv, sweeps)
+
+        def task(cfg: "DictConfig") -> None:
+            code = guarded(lambda: run_job(cfg))
+            if code:
+                _exit(code)
+
+        hydra.main(config_path=str(CONF_DIR), config_name=job, version_base="1.3")(task)()  # reads sys.argv
+        return 0
+
+    run_main(main)
 
 
 def run_main(main: Callable[[list[str]], int | None]) -> None:
@@ -15,18 +45,33 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
 
     Exits with os._exit so a rank whose peers are gone cannot hang in process-group teardown.
     """
+    _exit(guarded(lambda: main(sys.argv[1:])))
+
+
+def guarded(fn: Callable[[], int | None]) -> int:
+    """`fn()`'s exit code; a user error is one `error:` line (code 2), a crash a traceback (code 1)."""
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:
-        code = main(sys.argv[1:]) or 0
+        return fn() or 0
     except PPRuntimeError as e:
         sys.stderr.write(f"{prefix}error: {e}\n")  # one write: ranks sharing a pipe cannot splice lines
-        code = 2
+        return 2
+    except SystemExit as e:  # Hydra's --help and its own reports
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
-        code = 130
+        return 130
+    except BrokenPipeError:  # the reader of our output went away (`... --help | head`)
+        return 141
     except BaseException:  # noqa: BLE001 - a crash must still end every rank
         traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+        return 1
+
+
+def _exit(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # `... --help | head`
+        pass
     os._exit(code)

@@ -1,0 +1,79 @@
+"""A fine-tuning run's output folder when `out_dir` is not given.
+
+A new dated folder per run (`outputs/finetune/DATE_TIME`, or `.../multirun_DATE_TIME/JOB` for the
+jobs of a `--multirun` sweep), so two runs never mix their metrics, checkpoints or exports; with
+`checkpoint.dir` given (SLURM requeues) the run keeps that one folder, so a resumed job continues
+its own metrics. Rank 0 chooses and the others adopt its choice: ranks started a second apart
+would otherwise name different folders.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from pp_runtime.config import resolve_path
+from pp_runtime.parallel import ParallelContext
+
+ROOT = Path("outputs") / "finetune"
+
+
+@functools.cache
+def _sweep_stamp() -> str:
+    """When this process's first sweep job started: one parent folder for all the sweep's jobs."""
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _sweep_job() -> Optional[int]:
+    """This job's number in a Hydra --multirun sweep, or None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return int(hc.job.num) if hc.mode == RunMode.MULTIRUN else None
+
+
+def _new_folder(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if taken; created, so a run started in the same second cannot take it."""
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free folder name next to {path}")
+
+
+def default_out_dir(cfg: Any) -> Path:
+    if cfg.checkpoint.get("dir"):
+        return resolve_path(cfg.checkpoint.dir)
+    job = _sweep_job()
+    if job is not None:
+        return _new_folder((ROOT / f"multirun_{_sweep_stamp()}" / str(job)).resolve())
+    return _new_folder((ROOT / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve())
+
+
+def choose_out_dir(cfg: Any, ctx: ParallelContext) -> Path:
+    """`out_dir` as given, else rank 0's `default_out_dir`, the same on every rank."""
+    given = resolve_path(cfg.get("out_dir"))
+    if given is not None:
+        return given
+    chosen: list[Any] = [default_out_dir(cfg) if ctx.rank == 0 else None]
+    if ctx.distributed:
+        dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
+def export_dir(cfg: Any, out_dir: Path) -> Optional[Path]:
+    """`export`: auto = OUT_DIR/export, null = no export, else the folder given."""
+    export = cfg.get("export")
+    if export == "auto":
+        return out_dir / "export"
+    return resolve_path(export)
