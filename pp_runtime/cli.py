@@ -4,7 +4,9 @@ non-zero exit."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 from typing import TYPE_CHECKING, Callable
 
@@ -20,14 +22,21 @@ def hydra_main(job: str, run_job: Callable[["DictConfig"], int | None], sweeps: 
 
     The command line is checked first (`config.check_command_line`), so a bad flag or override is
     one `error:` line and exit 2 rather than Hydra's own report. A failing job ends the process
-    with its code (in a sweep, the remaining jobs do not run)."""
+    with its code (in a sweep, the remaining jobs do not run). Under torchrun every rank runs a
+    sweep's jobs one after another, in the same order, each job on all ranks."""
 
     def main(argv: list[str]) -> int:
         import hydra
 
         from pp_runtime.config import CONF_DIR, check_command_line
 
-        check_command_line(job, argv, sweeps)
+        args = check_command_line(job, argv, sweeps)
+        scratch = None
+        if args.multirun and int(os.environ.get("RANK", "0")) > 0:
+            # every rank runs the sweep; rank 0's Hydra makes the sweep's folders and rank 0 hands each
+            # job's out_dir to the others (their clocks may name another second)
+            scratch = tempfile.mkdtemp(prefix="pp_runtime_sweep_")
+            sys.argv.append(f"hydra.sweep.dir={scratch}")
 
         def task(cfg: "DictConfig") -> None:
             code = guarded(lambda: run_job(cfg))
@@ -35,6 +44,8 @@ def hydra_main(job: str, run_job: Callable[["DictConfig"], int | None], sweeps: 
                 _exit(code)
 
         hydra.main(config_path=str(CONF_DIR), config_name=job, version_base="1.3")(task)()  # reads sys.argv
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         return 0
 
     run_main(main)

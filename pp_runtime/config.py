@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from pp_runtime.errors import ConfigError
 
 if TYPE_CHECKING:
+    from argparse import Namespace
+
     from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -24,7 +26,22 @@ def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR, c
     with open_dict(cfg):
         del cfg["hydra"]
     OmegaConf.set_struct(cfg, True)
+    _check_top_level_keys(cfg, job, conf_dir)
     return cfg
+
+
+def _check_top_level_keys(cfg: "DictConfig", job: str, conf_dir: Path) -> None:
+    """Hydra merges whatever an added config sets: an experiment written for another job (or a
+    `+key=...` typo) would otherwise ride along unused."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(conf_dir / f"{job}.yaml")
+    known = {k for k in base.keys() if k not in ("defaults", "hydra")} | {next(iter(d)) for d in base.get("defaults", [])
+                                                                          if not isinstance(d, str)}
+    unknown = [k for k in cfg.keys() if k not in known]
+    if unknown:
+        raise ConfigError(f"the config sets {', '.join(map(str, unknown))}, which {job} does not have (an experiment "
+                          f"for another job, or a typo?); known keys: {_known_keys(job, conf_dir)}")
 
 
 def _compose(job: str, overrides: list[str], conf_dir: Path, config_name: str, config_dir: Optional[str]) -> "DictConfig":
@@ -68,7 +85,12 @@ def _config_error(e: Exception, job: str, conf_dir: Path) -> ConfigError:
         hint = "; quote it for a string ('key=\"a,b\"'), use key=[a,b] for a list, or add --multirun to sweep"
     elif "Available options" in text:
         at = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
-        hint = "; available: " + ", ".join(lines[at + 1:])
+        options = []
+        for ln in lines[at + 1:]:
+            if ln.endswith(":"):  # "Config search path:" follows the options
+                break
+            options.append(ln)
+        hint = "; available: " + ", ".join(options)
     return ConfigError(f"bad override: {first}{hint}")
 
 
@@ -82,10 +104,10 @@ def _known_keys(job: str, conf_dir: Path) -> str:
     return ", ".join([k for k in cfg.keys() if k not in ("defaults", "hydra")] + groups)
 
 
-def check_command_line(job: str, argv: Sequence[str], sweeps: bool) -> None:
+def check_command_line(job: str, argv: Sequence[str], sweeps: bool) -> "Namespace":
     """Parse `argv` as `@hydra.main` will and compose every job it would run (each combination of a
     `--multirun` sweep), raising ConfigError for the first problem. Hydra itself reports these with
-    a traceback-like message and exit status 1."""
+    a traceback-like message and exit status 1. Returns the parsed arguments."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -116,6 +138,7 @@ def check_command_line(job: str, argv: Sequence[str], sweeps: bool) -> None:
             raise _config_error(e, job, CONF_DIR) from None
     for overrides in jobs:
         load_config(job, overrides, config_name=args.config_name, config_dir=args.config_dir)
+    return args
 
 
 def resolve_path(p: str | None) -> Path | None:

@@ -1,15 +1,14 @@
 """A fine-tuning run's output folder when `out_dir` is not given.
 
-A new dated folder per run (`outputs/finetune/DATE_TIME`, or `.../multirun_DATE_TIME/JOB` for the
-jobs of a `--multirun` sweep), so two runs never mix their metrics, checkpoints or exports; with
-`checkpoint.dir` given (SLURM requeues) the run keeps that one folder, so a resumed job continues
-its own metrics. Rank 0 chooses and the others adopt its choice: ranks started a second apart
-would otherwise name different folders.
+A new dated folder per run (`outputs/finetune/DATE_TIME`; in a `--multirun` sweep the job folder
+Hydra makes, `outputs/finetune/multirun_DATE_TIME/JOB`), so two runs never mix their metrics,
+checkpoints or exports; with `checkpoint.dir` given (SLURM requeues) the run keeps that one
+folder, so a resumed job continues its own metrics. Rank 0 chooses and the others adopt its
+choice: ranks started a second apart would otherwise name different folders.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,21 +21,15 @@ from pp_runtime.parallel import ParallelContext
 ROOT = Path("outputs") / "finetune"
 
 
-@functools.cache
-def _sweep_stamp() -> str:
-    """When this process's first sweep job started: one parent folder for all the sweep's jobs."""
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def _sweep_job() -> Optional[int]:
-    """This job's number in a Hydra --multirun sweep, or None outside one."""
+def _sweep_job_dir() -> Optional[Path]:
+    """This job's folder in a Hydra --multirun sweep (hydra.sweep.dir/JOB), or None outside one."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
-    return int(hc.job.num) if hc.mode == RunMode.MULTIRUN else None
+    return Path(hc.runtime.output_dir).resolve() if hc.mode == RunMode.MULTIRUN else None
 
 
 def _new_folder(path: Path) -> Path:
@@ -54,9 +47,9 @@ def _new_folder(path: Path) -> Path:
 def default_out_dir(cfg: Any) -> Path:
     if cfg.checkpoint.get("dir"):
         return resolve_path(cfg.checkpoint.dir)
-    job = _sweep_job()
-    if job is not None:
-        return _new_folder((ROOT / f"multirun_{_sweep_stamp()}" / str(job)).resolve())
+    job_dir = _sweep_job_dir()
+    if job_dir is not None:
+        return job_dir
     return _new_folder((ROOT / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve())
 
 
