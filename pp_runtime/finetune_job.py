@@ -234,7 +234,8 @@ def save(job: Job, cfg: DictConfig) -> Path:
     return tc.save_train_checkpoint(
         job.ckpt_root, step=t.step_count, shards=shards, stages=job.plan.stages, args=job.source.args,
         rank=job.ctx.rank, pp_rank=job.ctx.pp_rank, dp_rank=job.ctx.dp_rank, position=t.position,
-        data={"path": str(resolve_path(cfg.data.path)) if cfg.data.get("path") else "demo task", "fingerprint": job.data.fingerprint()},
+        data={"path": str(resolve_path(cfg.data.path)) if cfg.data.get("path") else "demo task",
+              "fingerprint": job.data.fingerprint()},
         config=OmegaConf.to_container(cfg, resolve=True), tokenizer=str(job.tokenizer.path),
         keep=int(cfg.checkpoint.keep), device=job.ctx.device,
     )

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from pp_runtime.config import resolve_path
+from pp_runtime.errors import ConfigError
 from pp_runtime.parallel import ParallelContext
 
 ROOT = Path("outputs") / "finetune"
@@ -58,9 +59,16 @@ def choose_out_dir(cfg: Any, ctx: ParallelContext) -> Path:
     given = resolve_path(cfg.get("out_dir"))
     if given is not None:
         return given
-    chosen: list[Any] = [default_out_dir(cfg) if ctx.rank == 0 else None]
+    chosen: list[Any] = [None]
+    if ctx.rank == 0:
+        try:
+            chosen = [default_out_dir(cfg)]
+        except OSError as e:  # shared with the other ranks, which would otherwise wait for a folder
+            chosen = [f"cannot create an output folder ({e}); set out_dir=DIR to a writable folder"]
     if ctx.distributed:
         dist.broadcast_object_list(chosen, src=0)
+    if isinstance(chosen[0], str):
+        raise ConfigError(chosen[0])
     return chosen[0]
 
 

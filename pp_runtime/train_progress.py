@@ -31,9 +31,11 @@ class TrainProgress:
         if stream.isatty():
             from tqdm import tqdm
 
-            cols, _ = shutil.get_terminal_size((100, 20))
+            # the size from shutil (COLUMNS/LINES, else the terminal): tqdm's own probe can read a 0 x 0
+            # terminal and then draws nothing
+            cols, rows = shutil.get_terminal_size((100, 20))
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=stream,
-                            ncols=max(cols, 60), dynamic_ncols=True)
+                            ncols=max(cols, 60), nrows=max(rows, 5))
 
     def eta_s(self, step: int) -> float:
         done = step - self.start
