@@ -1,19 +1,19 @@
-"""Pipelined generation: `torchrun --nproc_per_node=N launch/infer.py [key=value ...]` (see conf/infer.yaml)."""
+"""Pipelined generation: `torchrun --nproc_per_node=N launch/infer.py [key=value ...]`; `--help` lists the
+settings (conf/infer.yaml)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime.cli import run_main  # noqa: E402
-from pp_runtime.config import load_config  # noqa: E402
+from pp_runtime.cli import hydra_main  # noqa: E402
 
 
-def main(argv: list[str]) -> int:
+def main(cfg) -> int:
     from pp_runtime.infer_job import run
 
-    return run(load_config("infer", argv))
+    return run(cfg)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    hydra_main("infer", main)

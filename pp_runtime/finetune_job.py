@@ -17,20 +17,24 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from pp_runtime.args import ModelArgs, preset
 from pp_runtime.config import resolve_path
 from pp_runtime.errors import CheckpointError, ConfigError
+from pp_runtime.evaluate import Question, demo_questions, evaluate, read_questions
 from pp_runtime.model import StageModule
 from pp_runtime.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.partition import StagePlan, plan_for
 from pp_runtime.run_definition import differences, run_definition
-from pp_runtime.runtime import ModelSource, resolve_dtype
+from pp_runtime.run_folder import choose_out_dir, export_dir
+from pp_runtime.runtime import DEMO_DIR, ModelSource, resolve_dtype
 from pp_runtime.schedules import Schedule, build_schedule, check_microbatches, load_schedule
 from pp_runtime.simulator import simulate
 from pp_runtime.threads import startup_line
 from pp_runtime.train_data import PackedDataset, check_batch_shape, validate_token_ids
+from pp_runtime.train_metrics import MetricSinks, check_loggers, draw_loss_curve
+from pp_runtime.train_progress import TrainProgress
 from pp_runtime.trainer import StepStats, TrainConfig, Trainer
 from pp_runtime import train_checkpoint as tc
 
@@ -60,8 +64,10 @@ def model_source(model_cfg: DictConfig) -> ModelSource:
             raise ConfigError(f"model.params {params} must hold a JSON object of model fields")
     elif model_cfg.get("preset"):
         base = preset(model_cfg.preset).to_params_json()
+    elif overrides:
+        raise ConfigError("model.args needs a model trained from scratch: model.params=FILE or model.preset=NAME")
     else:
-        raise ConfigError("no model: set model.path=DIR (fine-tune), model.params=FILE or model.preset=NAME (from scratch)")
+        return ModelSource.from_config(model_cfg)  # the embedded demo model
     fields = {**base, **(overrides or {})}
     known = set(ModelArgs.__dataclass_fields__) | {"moe"}
     unknown = sorted(set(overrides or {}) - known)
@@ -125,6 +131,34 @@ def load_tokenizer(cfg: DictConfig, source: ModelSource):
     return tok
 
 
+def load_data(cfg: DictConfig, tokenizer, source: ModelSource) -> PackedDataset:
+    """`data.path`'s JSONL; without one, the demo task's generated questions (demo model only)."""
+    d = cfg.data
+    if d.get("path") is None:
+        if source.path != DEMO_DIR:
+            raise ConfigError("set data.path=FILE.jsonl: without it the job trains on the demo task's questions, "
+                              "which only the embedded demo model (model=demo) can read")
+        from pp_runtime.demo import task
+
+        records = [e.to_train_json() for e in task.train_examples(int(d.demo_questions), seed=int(d.seed))]
+        return PackedDataset.from_records(records, tokenizer, int(d.seq_len), shuffle=bool(d.shuffle), seed=int(d.seed),
+                                          source="demo question")
+    return PackedDataset.from_jsonl(resolve_path(d.path), tokenizer, int(d.seq_len), shuffle=bool(d.shuffle),
+                                    seed=int(d.seed))
+
+
+def eval_questions(cfg: DictConfig) -> list[Question]:
+    """What the export answers at the end: `eval.path`, or with the demo task its held-out questions."""
+    has_export = export_dir(cfg, Path(cfg.out_dir)) is not None
+    if cfg.eval.get("path"):
+        if not has_export:
+            raise ConfigError("eval.path is answered with the export: keep export=auto (or give export=DIR)")
+        return read_questions(resolve_path(cfg.eval.path))
+    if cfg.data.get("path") is None and has_export:
+        return demo_questions(int(cfg.eval.demo_questions))
+    return []
+
+
 @dataclass
 class Job:
     ctx: ParallelContext
@@ -139,6 +173,7 @@ class Job:
     metrics_path: Path
     definition: dict[str, Any]  # what makes this run this run (run_definition), stored in every manifest
     notes: list[str]  # start-up remarks for rank 0 to print
+    questions: list[Question]
 
 
 def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dtype: torch.dtype,
@@ -165,9 +200,7 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     split = cfg.pipeline.get("split")
     plan = plan_for(args, ctx.pp_size, virtual_stages=schedule.virtual_stages,
                     split=list(split) if split is not None else None, training=True)
-    data_path = resolve_path(cfg.data.path)
-    data = PackedDataset.from_jsonl(data_path, tokenizer, int(cfg.data.seq_len), shuffle=bool(cfg.data.shuffle),
-                                    seed=int(cfg.data.seed))
+    data = load_data(cfg, tokenizer, source)
     validate_token_ids(data, args.vocab_size, str(tokenizer.path))
     out_dir = resolve_path(cfg.out_dir)
     ckpt_root = resolve_path(cfg.checkpoint.get("dir")) or out_dir / "checkpoints"
@@ -190,7 +223,9 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
             notes.append(f"note: resuming {resume} with settings that differ from the run that saved it: {'; '.join(changed)}")
     stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None)
     metrics_path = resolve_path(cfg.metrics.get("file")) or out_dir / "metrics.jsonl"
-    trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path)
+    check_loggers(cfg.metrics)
+    questions = eval_questions(cfg)
+    trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path, console=False)
     if resume is not None:
         names = [n for n, _ in trainer.named_params]
         weights = tc.load_tensors(resume, names, kind="weights", manifest=manifest, device=ctx.device)
@@ -199,7 +234,7 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
         trainer.load_state(weights, optim, step=int(manifest["step"]), position=int(manifest["data"]["position"]))
         tc.load_rng(resume, ctx.pp_rank, ctx.device)
     return Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path,
-               definition, notes)
+               definition, notes, questions)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -213,7 +248,8 @@ def save(job: Job, cfg: DictConfig) -> Path:
     return tc.save_train_checkpoint(
         job.ckpt_root, step=t.step_count, shards=shards, stages=job.plan.stages, args=job.source.args,
         rank=job.ctx.rank, pp_rank=job.ctx.pp_rank, dp_rank=job.ctx.dp_rank, position=t.position,
-        data={"path": str(resolve_path(cfg.data.path)), "fingerprint": job.data.fingerprint()},
+        data={"path": str(resolve_path(cfg.data.path)) if cfg.data.get("path") else "demo task",
+              "fingerprint": job.data.fingerprint()},
         config=OmegaConf.to_container(cfg, resolve=True), tokenizer=str(job.tokenizer.path),
         keep=int(cfg.checkpoint.keep), device=job.ctx.device, extra={"run": job.definition},
     )
@@ -236,6 +272,9 @@ def _draw_timeline(job: Job, stats: StepStats, path: Path) -> None:
 
 def run(cfg: DictConfig) -> int:
     ctx = init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
+    out_dir = choose_out_dir(cfg, ctx)
+    with read_write(cfg):
+        cfg.out_dir = str(out_dir)
     job = agree(ctx, lambda: prepare(cfg, ctx))
     t = job.trainer
     if ctx.rank == 0:
@@ -249,6 +288,7 @@ def run(cfg: DictConfig) -> int:
         print(f"data: {len(job.data)} rows of {job.data.seq_len} tokens; "
               + (f"resumed from {job.resumed_from} at step {t.step_count}" if job.resumed_from else "starting at step 0"),
               flush=True)
+        print(f"output folder: {out_dir}", flush=True)
         if job.resumed_from is None:
             _remove_earlier_run(job.ckpt_root)
             job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,26 +301,41 @@ def run(cfg: DictConfig) -> int:
     saved_step = t.step_count if job.resumed_from is not None else None
     first_step = t.step_count
     stats = None
+    progress = TrainProgress(t.cfg.steps, t.step_count, t.cfg.log_every) if ctx.rank == 0 else None
+    sinks = MetricSinks(ctx, cfg.metrics, out_dir, OmegaConf.to_container(cfg, resolve=True), t.step_count)
     while t.step_count < t.cfg.steps:
         stats = t.step()
+        sinks.record(stats)
+        if progress is not None:
+            progress.update(stats)
         if every > 0 and t.step_count % every == 0 and t.step_count < t.cfg.steps:
             last_saved, saved_step = save(job, cfg), t.step_count
             if ctx.rank == 0:
                 print(f"checkpoint: step {t.step_count} saved to {last_saved}", flush=True)
+    if progress is not None:
+        progress.close()
+    sinks.close()
     if saved_step != t.step_count:
         last_saved = save(job, cfg)
     if ctx.rank == 0:
         print(f"checkpoint: {last_saved}", flush=True)
+        curve = draw_loss_curve(job.metrics_path, job.metrics_path.parent / "loss.png")
+        if curve is not None:
+            print(f"loss curve: {curve}", flush=True)
     if cfg.get("timeline") and stats is not None:
         _draw_timeline(job, stats, resolve_path(cfg.timeline))
-    if cfg.get("export"):
+    export = export_dir(cfg, out_dir)
+    if export is not None:
         if ctx.rank == 0:
             dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)  # default: the model dtype
-            out = tc.export_checkpoint(last_saved, resolve_path(cfg.export), tokenizer=job.tokenizer.path, dtype=dtype)
+            out = tc.export_checkpoint(last_saved, export, tokenizer=job.tokenizer.path, dtype=dtype)
             print(f"exported step {t.step_count} to {out} (params.json, consolidated.safetensors, tokenizer.model)"
-                  + _export_provenance(first_step, t.step_count, job.resumed_from), flush=True)
+                  + _export_provenance(first_step, t.step_count, job.resumed_from)
+                  + f"; try: launch/infer.py model.path={out}", flush=True)
         if ctx.distributed:
             dist.barrier()
+        if job.questions:
+            _evaluate_export(job, cfg, export, out_dir)
     return 0
 
 
@@ -301,6 +356,24 @@ def _export_provenance(first_step: int, last_step: int, resumed_from: Optional[P
     if resumed_from is not None:
         return f"; no step ran now: these are the weights of {resumed_from}"
     return "; no step ran (train.steps=0): these are the starting weights"
+
+
+def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> None:
+    """Answer the eval questions with the export on this job's ranks; rank 0 prints the accuracy."""
+    ctx = job.ctx
+    dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)
+    result = evaluate(ctx, export, job.questions, dtype)
+    if result is None:
+        return
+    where = out_dir / "eval.jsonl"
+    result.write(where)
+    name = "held-out demo questions" if not cfg.eval.get("path") else str(cfg.eval.path)
+    print(f"eval: {result.summary()} of {name} answered exactly by the export (answers in {where})", flush=True)
+    for r in result.results[:5]:
+        print(f"  {r['prompt']!r} -> {r['completion']!r} " + ("ok" if r["ok"] else f"WRONG, expected {r['expected']!r}"),
+              flush=True)
+
+
 
 
 def _meta_model(args: ModelArgs) -> StageModule:

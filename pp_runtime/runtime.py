@@ -42,6 +42,10 @@ class ModelSource:
 
     @classmethod
     def from_config(cls, model_cfg: "DictConfig") -> "ModelSource":
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(model_cfg) and OmegaConf.is_missing(model_cfg, "path"):  # `path: ???` (model=mistral-7b, ...): no silent demo fallback
+            raise ConfigError("this model config needs its checkpoint folder: set model.path=DIR")
         path = resolve_path(model_cfg.get("path"))
         if path is not None:
             from pp_runtime.checkpoint import load_model_args

@@ -176,8 +176,14 @@ class PackedDataset:
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer, seq_len: int, shuffle: bool = True, seed: int = 0) -> "PackedDataset":
         docs = read_documents(path, tokenizer)
-        pad = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
-        return cls.from_documents(docs, seq_len, pad_id=pad, shuffle=shuffle, seed=seed)
+        return cls.from_documents(docs, seq_len, pad_id=_pad_id(tokenizer), shuffle=shuffle, seed=seed)
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict], tokenizer, seq_len: int, shuffle: bool = True, seed: int = 0,
+                     source: str = "record") -> "PackedDataset":
+        """Records of the JSONL line formats held in memory (the demo task's generated questions)."""
+        docs = [parse_line(r, f"{source} {i}", tokenizer) for i, r in enumerate(records)]
+        return cls.from_documents(docs, seq_len, pad_id=_pad_id(tokenizer), shuffle=shuffle, seed=seed)
 
     # ---------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -213,6 +219,10 @@ class PackedDataset:
         """Identifies the packed data in a checkpoint manifest (to warn when it changed on resume)."""
         return {"rows": len(self), "seq_len": self.seq_len, "tokens_sum": int(self.tokens.sum()),
                 "valid_targets": int((self.targets != IGNORE).sum())}
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
 
 
 def micro_batches(batch: Batch, n: int) -> list[Batch]:

@@ -68,7 +68,7 @@ def two_procs() -> list[str]:
 
 
 def base_args(data: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:
-    return [f"data.path={data}", f"data.tokenizer={tokenizer}", "data.seq_len=24", f"out_dir={out}",
+    return ["model=random", f"data.path={data}", f"data.tokenizer={tokenizer}", "data.seq_len=24", f"out_dir={out}",
             "train.steps=2", "train.batch_size=4", "schedule.microbatches=2", "device=cpu", "model.dtype=float32",
             *extra]
 
