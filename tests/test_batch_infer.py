@@ -115,7 +115,7 @@ def test_two_replicas_of_two_stages_match_one_process(tiny_ckpt, prompts_file, r
     assert summary["requests"] == N_PROMPTS and summary["errors"] == 0 and summary["complete"]
     assert summary["replicas"] == 2 and summary["stages"] == 2
     assert summary["generated_tokens"] == sum(r["generated_tokens"] for r in reference)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.job.json", "out.jsonl.summary.json"]
 
 
 def test_kill9_and_restart_writes_every_id_once(tiny_ckpt, prompts_file, reference, tmp_path):
