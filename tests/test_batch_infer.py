@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_utils import children, kill_all, wait_gone
 from pp_runtime.batch_job import LineSet, merge_results, repair_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,12 +135,18 @@ def test_kill9_and_restart_writes_every_id_once(tiny_ckpt, prompts_file, referen
         return sum(p.read_bytes().count(b"\n") for p in parts if p.exists())
 
     deadline = time.monotonic() + 180
+    workers: list[int] = []
     try:
         while lines_written() < 12 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        workers = children(proc.pid)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun only: its workers run in sessions of their own
         proc.wait()
+    try:  # they notice their launcher is gone and exit by themselves; until then the output stays locked
+        assert len(workers) == 2 and wait_gone(workers, 60) == []
+    finally:
+        kill_all(workers)
     written = lines_written()
     assert 12 <= written < N_PROMPTS, f"the run was not caught mid-way ({written} lines)"
     assert not out.exists() and not (tmp_path / "out.jsonl.summary.json").exists()
