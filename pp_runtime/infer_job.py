@@ -78,11 +78,11 @@ def default_sampling(cfg: DictConfig) -> SamplingParams:
 def _number(group: DictConfig, key: str, kind: type):
     value = group.get(key)
     try:
-        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+        if isinstance(value, bool) or not math.isfinite(float(value)) or (kind is int and float(value) != int(value)):
             raise ValueError
         return kind(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"sampling.{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        raise ConfigError(f"sampling.{key}={value!r} is not {'an integer' if kind is int else 'a finite number'}") from None
 
 
 def prompt_records(cfg: DictConfig, source: ModelSource) -> Iterator[PromptRecord]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -85,9 +86,9 @@ def _opt(obj: dict, keys: tuple[str, ...], kind: type, where: str) -> Any:
         v = obj.get(k)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
                 kind is int and not (isinstance(v, int) or v.is_integer())):
-            raise InputError(f"{where}: {k}={v!r} is not {'an integer' if kind is int else 'a number'}")
+            raise InputError(f"{where}: {k}={v!r} is not {'an integer' if kind is int else 'a finite number'}")
         return kind(v)
     return None
 
