@@ -325,7 +325,6 @@ def _free_port() -> int:
 
 
 def test_bad_config_is_one_line(tmp_path):
-
     with pytest.raises(ConfigError, match="needs input="):
         run_inprocess(["device=cpu", f"output={tmp_path / 'o.jsonl'}"])
     with pytest.raises(InputError, match="does not exist"):
