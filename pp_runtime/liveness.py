@@ -33,6 +33,7 @@ DEADLINE_ENV = "PP_RUNTIME_PEER_TIMEOUT"
 DEFAULT_DEADLINE_S = 25.0
 STORE_OP_S = 2.0  # one store call may take this long before it counts as a missed contact
 PEER_GONE_EXIT = 3  # exit code when another rank, the store or the launcher is gone
+_FIRST_FAILURE = "first_failure"  # "rank|exit code|message" of the job's first failure, set once
 
 _EXIT_LOCK = threading.Lock()  # the main thread and the watchdog: only one of them writes the last line
 _WATCH: Optional["Watchdog"] = None
@@ -77,7 +78,7 @@ class Watchdog:
         self.interval = min(1.0, deadline / 8)
         self.grace = min(2.0, deadline / 4)  # lets a failing peer's own message come first on every rank
         self.store = store
-        self._keys = [_hb(r) for r in range(world_size)]
+        self._keys = [f"hb/{r}" for r in range(world_size)]  # a counter, then "exit" or "failed"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pp-liveness", daemon=True)
         launched_by_agent = "TORCHELASTIC_RUN_ID" in os.environ
@@ -124,6 +125,8 @@ class Watchdog:
             if self._parent is not None and os.getppid() != self._parent:
                 self._fire(PEER_GONE_EXIT, f"the launcher that started this rank (pid {self._parent}) is gone; stopping")
             try:
+                if self._stop.is_set():  # stop() is about to write "exit"/"failed": no counter after it
+                    break
                 self.store.add(self._keys[self.rank], 1)
                 ready = ready or self.store.check(self._keys)
                 values = self.store.multi_get(self._keys) if ready else []
@@ -162,13 +165,6 @@ class Watchdog:
         if self._stop.is_set():  # the main thread is leaving on its own: its verdict stands
             return
         exit_now(code, f"{rank_prefix()}error: {message}")
-
-
-_FIRST_FAILURE = "first_failure"
-
-
-def _hb(rank: int) -> str:
-    return f"hb/{rank}"
 
 
 # ---------------------------------------------------------------------------------- process-wide
