@@ -5,7 +5,11 @@ Files (for `output=out.jsonl`; `errors` defaults to `out.jsonl.errors.jsonl`):
 - `out.jsonl.part-R`: replica R's results, appended and flushed line by line as sequences finish
   (finishing order). Only replica R's first stage writes it, so no two processes share a file.
 - `out.jsonl.errors.jsonl.part-R`: replica R's rejected input lines (line number and reason).
-- `out.jsonl.done-R`: written by replica R when its share is finished (its statistics).
+- `out.jsonl.job.json`: what the results were computed from (input size and hash, model, sampling,
+  max_new_tokens); a rerun with another input or other settings is refused (`overwrite=true`
+  discards the old results instead).
+- `out.jsonl.lock`: held by the running job; a second job on the same output stops at once
+  (pp_runtime/output_files.py; a lock left by a dead job is taken over).
 - At the end, rank 0 merges the existing output and every part file into `out.jsonl`, one line per
   input line sorted by input order (written to a temporary file, then renamed), merges the error
   parts into the errors file, writes `out.jsonl.summary.json` and removes the part files.
@@ -13,7 +17,8 @@ Files (for `output=out.jsonl`; `errors` defaults to `out.jsonl.errors.jsonl`):
 Restart (kill -9, node loss, SLURM requeue): rank 0 truncates an incomplete last line of each part
 file, collects the input line numbers already present in the output and the parts, and every
 replica skips those lines. Error lines are not "done": they are checked again on every run and the
-errors file describes the latest run. Resuming assumes the same input file.
+errors file describes the latest run. Each replica reports its end (and statistics) through the
+rendezvous store; a replica that dies or freezes meanwhile ends the job (pp_runtime/liveness.py).
 
 Work split: the input's non-blank lines are numbered 0, 1, 2, ... in order (this number is also the
 request uid that keys the sampling stream, so results do not depend on the number of replicas) and
@@ -23,7 +28,8 @@ be on a shared filesystem (checked at start-up).
 
 A result line: `id`, `line` (1-based input line), then infer's record: `prompt`, `completion`,
 `tokens`, `logprobs`, `finish_reason` ("stop" or "length"), `prompt_tokens`, `generated_tokens`.
-An error line: `line`, `id` (when it could be read) and `error`.
+An error line: `line`, `id` (when it could be read) and `error`. A run whose every line was
+rejected exits non-zero.
 """
 
 from __future__ import annotations
@@ -41,8 +47,11 @@ from omegaconf import DictConfig
 
 from pp_runtime.config import resolve_path
 from pp_runtime.errors import ConfigError, InputError, PPRuntimeError
-from pp_runtime.parallel import agree
-from pp_runtime.prompts import check_request, iter_lines, make_request, parse_prompt_line, token_limit
+from pp_runtime.batch_identity import bind_identity, check_identity, job_identity
+from pp_runtime.liveness import scoped_store
+from pp_runtime.output_files import OutputLock
+from pp_runtime.parallel import agree, init_parallel
+from pp_runtime.prompts import TokenLimit, check_input_file, check_request, iter_lines, make_request, parse_prompt_line
 from pp_runtime.scheduler import Completion, Request
 
 FSYNC_EVERY_S = 10.0
@@ -75,8 +84,13 @@ class BatchPaths:
     def error_part(self, replica: int) -> Path:
         return self.errors.with_name(f"{self.errors.name}.part-{replica}")
 
-    def done_marker(self, replica: int) -> Path:
-        return self.output.with_name(f"{self.output.name}.done-{replica}")
+    @property
+    def sidecar(self) -> Path:
+        return self.output.with_name(self.output.name + ".job.json")
+
+    @property
+    def lock(self) -> Path:
+        return self.output.with_name(self.output.name + ".lock")
 
     @property
     def summary(self) -> Path:
@@ -89,8 +103,13 @@ class BatchPaths:
     def error_parts(self) -> list[Path]:
         return _numbered(self.errors, "part")
 
-    def done_markers(self) -> list[Path]:
-        return _numbered(self.output, "done")
+    def has_results(self) -> bool:
+        return self.output.is_file() or bool(self.parts())
+
+    def discard_results(self) -> None:
+        """overwrite=true: remove everything an earlier run left beside the output."""
+        for p in [self.output, *self.parts(), self.errors, *self.error_parts(), self.summary, self.sidecar]:
+            p.unlink(missing_ok=True)
 
 
 def _numbered(base: Path, tag: str) -> list[Path]:
@@ -178,7 +197,7 @@ def prepare_resume(paths: BatchPaths) -> ResumeState:
     """Rank 0, before any replica writes: repair the parts, collect the finished lines, drop the last
     run's errors (error lines are checked again), markers and summary, count the input."""
     probes = paths.output.parent.glob(f".{paths.output.name}.probe-*") if paths.output.parent.is_dir() else []
-    for stale in [*paths.error_parts(), *paths.done_markers(), paths.errors, paths.summary, *probes,
+    for stale in [*paths.error_parts(), paths.errors, paths.summary, *probes,
                   paths.output.with_name(paths.output.name + ".tmp")]:
         stale.unlink(missing_ok=True)
     done, repaired, offsets = LineSet(), 0, {}
@@ -245,7 +264,7 @@ class JsonlAppender:
         self._synced = time.monotonic()
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         self._f.flush()
         if time.monotonic() - self._synced > FSYNC_EVERY_S:
             os.fsync(self._f.fileno())
@@ -264,8 +283,8 @@ def error_record(line_no: int, line: str, reason: str) -> dict:
 
 def _guess_id(line: str) -> Any:
     try:
-        obj = json.loads(line)
-    except ValueError:
+        obj = json.loads(line.encode("utf-8"))
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeEncodeError)
         return None
     if not isinstance(obj, dict):
         return None
@@ -273,15 +292,11 @@ def _guess_id(line: str) -> Any:
     return rid if isinstance(rid, (str, int, float)) or rid is None else str(rid)
 
 
-def build_request(uid: int, line_no: int, line: str, tokenizer, cfg: DictConfig, sampling, limit: int,
+def build_request(uid: int, line_no: int, line: str, tokenizer, cfg: DictConfig, sampling, limit: TokenLimit,
                   source: str) -> Request:
     rec = parse_prompt_line(line, line_no, source=source)
-    try:
-        req = make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
-    except PPRuntimeError as e:  # make_request's messages name the request id; add the line
-        msg = str(e)
-        raise InputError(msg if msg.startswith(f"{source} line") else f"{source} line {line_no}: {msg}") from None
-    check_request(req, limit, f"{source} line {line_no}")
+    req = make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
+    check_request(req, limit, rec.where)
     return req
 
 
@@ -418,20 +433,53 @@ def _validate_share(cfg, ctx, paths: BatchPaths, done: LineSet, tokenizer, sampl
 
 
 def run(cfg: DictConfig) -> int:
-    from pp_runtime.infer_job import completion_record, default_sampling, setup_inference
+    from pp_runtime.infer_job import default_sampling
 
     t_start = time.perf_counter()
     paths = BatchPaths.from_config(cfg)
-    strict = bool(cfg.get("strict", False))
+    default_sampling(cfg)  # a bad setting fails here, before any file is touched
+    ctx = init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
+    # rank 0 claims the output (lock, same input and settings) before any rank loads the model
+    lock = agree(ctx, lambda: _claim_output(cfg, paths) if ctx.rank == 0 else None)
+    try:
+        return _run(cfg, ctx, paths, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    setup = setup_inference(cfg)
-    ctx, source, runner, tokenizer = setup.ctx, setup.source, setup.runner, setup.tokenizer
-    state, probe = None, None
-    if ctx.rank == 0:
-        state = prepare_resume(paths)
-        paths.output.parent.mkdir(parents=True, exist_ok=True)
-        probe = paths.output.with_name(f".{paths.output.name}.probe-{os.getpid()}-{time.time_ns()}")
-        probe.touch()
+
+def _claim_output(cfg: DictConfig, paths: BatchPaths) -> OutputLock:
+    check_input_file(paths.input)
+    lock = OutputLock.acquire(paths.lock, f"output {paths.output}")
+    try:
+        if not cfg.get("overwrite", False):
+            check_identity(paths.sidecar, job_identity(paths.input, cfg), paths.has_results(), paths.output)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _prepare_output(cfg: DictConfig, paths: BatchPaths) -> tuple[ResumeState, Path]:
+    """Rank 0, once the model loaded: start over (overwrite=true) or resume, record what the results
+    are computed from, and leave a probe file the other first stages must see."""
+    if cfg.get("overwrite", False):
+        paths.discard_results()
+    bind_identity(paths.sidecar, job_identity(paths.input, cfg))
+    state = prepare_resume(paths)
+    probe = paths.output.with_name(f".{paths.output.name}.probe-{os.getpid()}-{time.time_ns()}")
+    probe.touch()
+    return state, probe
+
+
+def _run(cfg: DictConfig, ctx, paths: BatchPaths, t_start: float) -> int:
+    from pp_runtime.infer_job import completion_record, default_sampling, setup_inference
+
+    strict = bool(cfg.get("strict", False))
+    setup = setup_inference(cfg, ctx)
+    source, runner, tokenizer = setup.source, setup.runner, setup.tokenizer
+    prepared = agree(ctx, lambda: _prepare_output(cfg, paths) if ctx.rank == 0 else None)
+    state, probe = prepared if prepared is not None else (None, None)
     shared = _broadcast(ctx, None if state is None else
                         (bytes(state.done.bits), state.n_done, state.input_lines, str(probe)))
     done, n_done, n_input = LineSet(shared[0]), shared[1], shared[2]
@@ -442,7 +490,7 @@ def run(cfg: DictConfig) -> int:
         print(msg + f", {n_input - n_done} to run on {ctx.dp_size} replica(s) x {ctx.pp_size} stage(s)", flush=True)
 
     sampling = default_sampling(cfg)
-    limit = token_limit(source.args, runner.capacity)
+    limit = TokenLimit.of(source.args, runner.capacity)
 
     def first_stage_checks() -> None:
         if not ctx.is_first:
@@ -509,35 +557,39 @@ def run(cfg: DictConfig) -> int:
             if f is not None:
                 f.close()
     stats.generate_s = time.perf_counter() - t_gen
+    store = scoped_store("batch") if ctx.distributed else None
     if ctx.is_first:
         if errors is not None and stats.errors == 0:
             paths.error_part(ctx.dp_rank).unlink(missing_ok=True)
-        marker = paths.done_marker(ctx.dp_rank)
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(stats)))
-        tmp.replace(marker)
+        if store is not None:
+            store.set(f"done/{ctx.dp_rank}", json.dumps(asdict(stats)))
     if ctx.rank != 0:
         return 0
-    return _finish(cfg, ctx, paths, progress, n_input, n_done, t_start)
+    reps = [stats] if store is None else _wait_for_replicas(store, ctx.dp_size, progress)
+    return _finish(ctx, paths, progress, reps, n_input, n_done, t_start)
 
 
-def _finish(cfg, ctx, paths: BatchPaths, progress: Progress, n_input: int, n_done: int, t_start: float) -> int:
-    # the other replicas run on; rank 0 follows their part files until each has left its marker
-    markers = [paths.done_marker(r) for r in range(ctx.dp_size)]
-    while not all(m.is_file() for m in markers):
+def _wait_for_replicas(store, dp_size: int, progress: Progress) -> list[ReplicaStats]:
+    """Rank 0 follows the other replicas' part files until each reported its end in the store; a
+    replica that dies or freezes meanwhile ends this wait through the liveness watchdog."""
+    keys = [f"done/{r}" for r in range(dp_size)]
+    while not store.check(keys):
         progress.poll()
         time.sleep(0.2)
+    return [ReplicaStats(**json.loads(v)) for v in store.multi_get(keys)]
+
+
+def _finish(ctx, paths: BatchPaths, progress: Progress, reps: list[ReplicaStats], n_input: int, n_done: int,
+            t_start: float) -> int:
     progress.poll(force=True)
     progress.close()
-    reps = [ReplicaStats(**json.loads(m.read_text())) for m in markers]
-
     parts = paths.parts()
     sources = ([paths.output] if paths.output.is_file() else []) + parts
     n_results = merge_results(sources, paths.output) if parts or not paths.output.is_file() else \
         sum(1 for _ in iter_records(paths.output))
     err_parts = paths.error_parts()
     n_errors = merge_results(err_parts, paths.errors) if err_parts else 0
-    for p in [*parts, *err_parts, *markers]:
+    for p in [*parts, *err_parts]:
         p.unlink(missing_ok=True)
 
     wall = time.perf_counter() - t_start
@@ -577,4 +629,6 @@ def _finish(cfg, ctx, paths: BatchPaths, progress: Progress, n_input: int, n_don
         + (f" | errors: {paths.errors}" if n_errors else "") + f" | summary: {paths.summary}",
         flush=True,
     )
+    if n_errors and not n_results:
+        raise InputError(f"every input line was rejected ({n_errors} errors, see {paths.errors}); nothing was generated")
     return 0

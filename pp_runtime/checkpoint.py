@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pp_runtime.args import ModelArgs
@@ -100,6 +100,25 @@ def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def open_safetensors(path: Path):
+    """`safe_open` whose failure on a damaged file (truncated, empty, not safetensors) is one line."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: "
+                              "copy or download it again") from None
+
+
+def check_finite(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    """Weights holding NaN or inf would turn every output into garbage: refuse them, naming the tensor.
+    One reduction per tensor at load, on the device the tensor lives on."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; the checkpoint "
+                              "is damaged (or was saved from a diverged run): use another one")
+    return t
+
+
 # ---------------------------------------------------------------------------------- sources
 @dataclass(frozen=True)
 class _Source:
@@ -124,7 +143,7 @@ class _CheckpointIndex:
         )
         if not self.key_file:
             for f in self._weight_files():
-                with safe_open(str(f), framework="pt") as h:
+                with open_safetensors(f) as h:
                     self.key_file.update({k: f for k in h.keys()})
 
     def _weight_files(self) -> list[Path]:
@@ -309,11 +328,12 @@ def load_stage_state(
     sources = _sources(index, args, stage_shapes(args, spec))
     with ExitStack() as stack:
         files = sorted({s.file for s in sources.values()})
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files}
+        handles = {f: stack.enter_context(open_safetensors(f)) for f in files}
         for name, src in sources.items():  # every header is checked before any data is read
             _check_shape(index, handles[src.file], name, src)
         return {
-            name: _read(handles[src.file], src).to(device=device, dtype=dtype).contiguous()
+            name: check_finite(_read(handles[src.file], src).to(device=device, dtype=dtype).contiguous(), src.key,
+                               src.file)
             for name, src in sources.items()
         }
 

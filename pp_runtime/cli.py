@@ -12,6 +12,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Callable
 
+from pp_runtime import liveness
 from pp_runtime.errors import PPRuntimeError
 from pp_runtime.threads import configure_threads
 
@@ -54,44 +55,60 @@ def hydra_main(job: str, run_job: Callable[["DictConfig"], int | None], sweeps: 
     run_main(main)
 
 
+# what gloo / NCCL / the store say when a peer's connection went away with the peer
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
 def run_main(main: Callable[[list[str]], int | None]) -> None:
     """Run `main(argv)`; a user error prints `error: ...` on this rank and exits 2, a crash exits 1.
 
-    Threads are chosen first (before torch starts its pool). Exits with os._exit so a rank whose
-    peers are gone cannot hang in process-group teardown.
-    """
+    Threads are chosen first (before torch starts its pool). Every exit tells the peers' watchdogs
+    (pp_runtime.liveness) whether this rank left cleanly or failed, so they stop at once with one line
+    naming it; os._exit means a rank whose peers are gone cannot hang in process-group teardown."""
     configure_threads()
     _exit(guarded(lambda: main(sys.argv[1:])))
 
 
 def guarded(fn: Callable[[], int | None]) -> int:
-    """`fn()`'s exit code; a user error is one `error:` line (code 2), a crash a traceback (code 1)."""
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    """`fn()`'s exit code, or Hydra's (`--help`). A user error (one `error:` line, code 2) or a crash
+    (a traceback, code 1) ends the process here. An error caused by a peer that vanished is not
+    reported as this rank's own: the watchdog names the rank that failed first instead."""
+    prefix = liveness.rank_prefix()
     try:
         return fn() or 0
     except PPRuntimeError as e:
-        sys.stderr.write(f"{prefix}error: {e}\n")  # one write: ranks sharing a pipe cannot splice lines
+        liveness.record_failure(2, str(e))
         _tell_torchrun(f"error: {e}")
-        return 2
+        liveness.exit_now(2, f"{prefix}error: {e}")
     except SystemExit as e:  # Hydra's --help and its own reports
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
-        return 130
+        liveness.record_failure(130, "interrupted")
+        liveness.exit_now(130)
     except BrokenPipeError:  # the reader of our output went away (`... --help | head`)
         return 141
-    except BaseException:  # noqa: BLE001 - a crash must still end every rank
-        traceback.print_exc()
-        return 1
+    except BaseException as e:  # noqa: BLE001 - a crash must still end every rank
+        watch = liveness.active()
+        if watch is not None and _peer_lost(e):
+            liveness.wait_for_verdict(watch.deadline + watch.interval + liveness.STORE_OP_S + watch.grace)
+        summary = (str(e).strip().splitlines() or [""])[0][:300]
+        liveness.record_failure(1, f"{type(e).__name__}: {summary}")
+        liveness.exit_now(1, traceback.format_exc())
+    return 1  # not reached: exit_now ends the process
 
 
 def _exit(code: int) -> None:
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:  # `... --help | head`
-        pass
-    os._exit(code)
+    if code == 0:
+        liveness.stop()
+    else:
+        liveness.record_failure(code, f"exited with code {code}")
+    liveness.exit_now(code)
+
+
+def _peer_lost(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in _PEER_LOST)
 
 
 def _tell_torchrun(message: str) -> None:

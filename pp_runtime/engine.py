@@ -23,7 +23,7 @@ from pp_runtime.comm import KIND_ABORT, KIND_DATA, KIND_STOP, StageChannels, dec
 from pp_runtime.errors import ConfigError, PPRuntimeError
 from pp_runtime.moe import ExpertLoad, expert_token_counts, moe_layers
 from pp_runtime.parallel import ParallelContext, pipe_groups
-from pp_runtime.prompts import check_request, limit_hint, token_limit
+from pp_runtime.prompts import TokenLimit, check_request
 from pp_runtime.scheduler import Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
 from pp_runtime.stage_runner import StageRunner
 from pp_runtime.step_table import Step, StepChunk
@@ -97,9 +97,9 @@ class RunStats:
 
 
 def _checked_requests(requests: Iterator[Request], args: ModelArgs, capacity: int) -> Iterator[Request]:
-    limit, hint = token_limit(args, capacity), limit_hint(args, capacity)
+    limit = TokenLimit.of(args, capacity)
     for r in requests:
-        check_request(r, limit, f"request {r.id!r}", hint)
+        check_request(r, limit, f"request {r.id!r}")
         yield r
 
 

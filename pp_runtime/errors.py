@@ -15,3 +15,7 @@ class CheckpointError(PPRuntimeError):
 
 class InputError(PPRuntimeError):
     """A prompt or input file line cannot be processed."""
+
+
+class TrainingError(PPRuntimeError):
+    """Training cannot go on (a non-finite loss or gradient norm); nothing of that step is saved."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
 from pp_runtime.args import ModelArgs, preset
 from pp_runtime.config import resolve_path
@@ -26,16 +27,17 @@ from pp_runtime.evaluate import Question, demo_questions, evaluate, read_questio
 from pp_runtime.model import StageModule
 from pp_runtime.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.partition import StagePlan, plan_for
+from pp_runtime.output_files import check_output_dir
 from pp_runtime.run_definition import differences, run_definition
 from pp_runtime.run_folder import choose_out_dir, export_dir
-from pp_runtime.runtime import DEMO_DIR, ModelSource, resolve_dtype
+from pp_runtime.runtime import DEMO_DIR, ModelSource, resolve_dtype, split_from_config
 from pp_runtime.schedules import Schedule, build_schedule, check_microbatches, load_schedule
 from pp_runtime.simulator import simulate
 from pp_runtime.threads import startup_line
 from pp_runtime.train_data import PackedDataset, check_batch_shape, validate_token_ids
 from pp_runtime.train_metrics import MetricSinks, check_loggers, draw_loss_curve
 from pp_runtime.train_progress import TrainProgress
-from pp_runtime.trainer import StepStats, TrainConfig, Trainer
+from pp_runtime.trainer import StepStats, TrainConfig, Trainer, truncate_metrics
 from pp_runtime import train_checkpoint as tc
 
 
@@ -97,17 +99,39 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     t = cfg.train
     mw = t.get("master_weights", "auto")
     master = None if mw in (None, "auto") else bool(mw)
+    reals = {k: _finite(t, k) for k in ("lr", "min_lr", "weight_decay", "eps", "grad_clip")}
+    if not isinstance(t.betas, ListConfig) or len(t.betas) != 2:
+        raise ConfigError(f"train.betas={t.betas!r} must be a pair, e.g. train.betas=[0.9,0.95]")
     tcfg = TrainConfig(
-        steps=int(t.steps), batch_size=int(t.batch_size), lr=float(t.lr), min_lr=float(t.min_lr),
-        warmup_steps=int(t.warmup_steps), weight_decay=float(t.weight_decay), betas=tuple(float(b) for b in t.betas),
-        eps=float(t.eps), grad_clip=float(t.grad_clip), activation_checkpointing=bool(t.activation_checkpointing),
-        master_weights=master, peak_flops=float(cfg.metrics.peak_flops), log_every=int(cfg.metrics.log_every),
+        steps=_integer(t, "steps"), batch_size=_integer(t, "batch_size"), warmup_steps=_integer(t, "warmup_steps"),
+        betas=(_finite(t.betas, 0, "train.betas"), _finite(t.betas, 1, "train.betas")),
+        activation_checkpointing=bool(t.activation_checkpointing), skip_nonfinite=bool(t.get("skip_nonfinite", False)),
+        master_weights=master, peak_flops=float(cfg.metrics.peak_flops), log_every=int(cfg.metrics.log_every), **reals,
     )
     if tcfg.steps < 0:
         raise ConfigError(f"train.steps={tcfg.steps} must be >= 0")
     if tcfg.lr <= 0 or tcfg.min_lr < 0:
         raise ConfigError(f"train.lr={tcfg.lr} must be > 0 and train.min_lr={tcfg.min_lr} >= 0")
     return tcfg
+
+
+def _integer(group, key: str) -> int:
+    value = group[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"train.{key}={value!r} must be an integer")
+    return value
+
+
+def _finite(group, key, name: Optional[str] = None) -> float:
+    """A finite number from the config, or a one-line ConfigError (`train.lr=nan` would train on NaN)."""
+    value = group[key]
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or isinstance(value, bool):
+        raise ConfigError(f"{name or 'train.' + key}={value!r} must be a finite number")
+    return x
 
 
 def load_tokenizer(cfg: DictConfig, source: ModelSource):
@@ -134,6 +158,10 @@ def load_tokenizer(cfg: DictConfig, source: ModelSource):
 def load_data(cfg: DictConfig, tokenizer, source: ModelSource) -> PackedDataset:
     """`data.path`'s JSONL; without one, the demo task's generated questions (demo model only)."""
     d = cfg.data
+    seq_len, max_len = int(d.seq_len), source.args.max_seq_len
+    if seq_len > max_len:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than the model's max_seq_len={max_len}; "
+                          f"use data.seq_len<={max_len}")
     if d.get("path") is None:
         if source.path != DEMO_DIR:
             raise ConfigError("set data.path=FILE.jsonl: without it the job trains on the demo task's questions, "
@@ -191,19 +219,22 @@ def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dt
 
 def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     """Everything before the first step; raises user errors (checked identically on every rank)."""
+    if OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path:
+        raise ConfigError("fine-tuning needs data.path=FILE.jsonl ({\"text\": ...} or {\"prompt\", \"completion\"} lines)")
     source = model_source(cfg.model)
     tokenizer = load_tokenizer(cfg, source)
     args = source.args
     schedule = make_schedule(cfg, ctx.pp_size)
     tcfg = train_config(cfg)
     check_batch_shape(tcfg.batch_size, ctx.dp_size, schedule.n_microbatches)
-    split = cfg.pipeline.get("split")
     plan = plan_for(args, ctx.pp_size, virtual_stages=schedule.virtual_stages,
-                    split=list(split) if split is not None else None, training=True)
+                    split=split_from_config(cfg.pipeline.get("split")), training=True)
     data = load_data(cfg, tokenizer, source)
     validate_token_ids(data, args.vocab_size, str(tokenizer.path))
     out_dir = resolve_path(cfg.out_dir)
     ckpt_root = resolve_path(cfg.checkpoint.get("dir")) or out_dir / "checkpoints"
+    check_output_dir(out_dir, "out_dir")  # before any step: an unwritable folder must not cost the training
+    check_output_dir(ckpt_root, "checkpoint.dir")
     dtype = resolve_dtype(cfg.model.dtype, ctx.device)
     definition = run_definition(cfg, source, tcfg, data, dtype)
     resume = tc.resolve_resume(cfg.get("resume"), ckpt_root)
@@ -291,8 +322,8 @@ def run(cfg: DictConfig) -> int:
         print(f"output folder: {out_dir}", flush=True)
         if job.resumed_from is None:
             _remove_earlier_run(job.ckpt_root)
-            job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            job.metrics_path.write_text("")
+        job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(job.metrics_path, t.step_count if job.resumed_from is not None else 0)
         if job.resumed_from is not None and t.step_count >= t.cfg.steps:
             print(f"nothing left to do: the checkpoint is at step {t.step_count} and train.steps={t.cfg.steps}; "
                   "raise train.steps to train further", flush=True)

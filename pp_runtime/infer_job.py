@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -14,7 +15,9 @@ from pp_runtime.engine import InferenceConfig, RunStats, StageRunner, run_pipeli
 from pp_runtime.errors import CheckpointError, ConfigError, InputError
 from pp_runtime.infer_progress import InferProgress
 from pp_runtime.parallel import ParallelContext, agree, init_parallel
-from pp_runtime.prompts import PromptRecord, check_input_file, iter_lines, make_request, parse_prompt_line
+from pp_runtime.output_files import check_output_file
+from pp_runtime.prompts import (PromptRecord, TokenLimit, check_input_file, check_request, iter_lines,
+                                make_request, parse_prompt_line)
 from pp_runtime.runtime import DEMO_DIR, ModelSource, make_plan, resolve_dtype
 from pp_runtime.sampling import SamplingParams
 from pp_runtime.scheduler import Completion, Request
@@ -30,12 +33,12 @@ class InferenceSetup:
     tokenizer: Optional[Tokenizer]  # first stages only: they tokenize prompts and decode completions
 
 
-def setup_inference(cfg: DictConfig) -> InferenceSetup:
+def setup_inference(cfg: DictConfig, ctx: Optional[ParallelContext] = None) -> InferenceSetup:
     """Process groups, plan, tokenizer, this stage's weights and cache: shared by infer and batch_infer.
 
     Whatever fails on one rank (its shard of the checkpoint, the tokenizer or input file that only
     first stages read) fails on every rank with the same message, before any stage waits on another."""
-    ctx = init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
+    ctx = ctx or init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
 
     def build() -> InferenceSetup:
         source = ModelSource.from_config(cfg.model)
@@ -89,7 +92,18 @@ def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None) -> Toke
 
 def default_sampling(cfg: DictConfig) -> SamplingParams:
     s = cfg.sampling
-    return SamplingParams(float(s.temperature), float(s.top_p), int(s.top_k), int(s.seed))
+    return SamplingParams(_number(s, "temperature", float), _number(s, "top_p", float), _number(s, "top_k", int),
+                          _number(s, "seed", int))
+
+
+def _number(group: DictConfig, key: str, kind: type):
+    value = group.get(key)
+    try:
+        if isinstance(value, bool) or not math.isfinite(float(value)) or (kind is int and float(value) != int(value)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"sampling.{key}={value!r} is not {'an integer' if kind is int else 'a finite number'}") from None
 
 
 def prompt_records(cfg: DictConfig, source: ModelSource) -> Iterator[PromptRecord]:
@@ -113,12 +127,18 @@ def prompt_records(cfg: DictConfig, source: ModelSource) -> Iterator[PromptRecor
         yield parse_prompt_line(line, no, source=name)
 
 
-def replica_requests(cfg: DictConfig, ctx: ParallelContext, source: ModelSource, tokenizer) -> Iterator[Request]:
-    """This replica's share of the requests (every dp_size-th, by input order)."""
+def replica_requests(cfg: DictConfig, ctx: ParallelContext, source: ModelSource, tokenizer,
+                     limit: TokenLimit) -> list[Request]:
+    """This replica's share of the requests (every dp_size-th, by input order), all checked before any
+    generation: a bad line found at the end must not cost the results of the lines before it."""
     sampling = default_sampling(cfg)
+    out = []
     for uid, rec in enumerate(prompt_records(cfg, source)):
         if uid % ctx.dp_size == ctx.dp_rank:
-            yield make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
+            req = make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
+            check_request(req, limit, rec.where or f"request {rec.id!r}")
+            out.append(req)
+    return out
 
 
 def completion_record(c: Completion, tokenizer) -> dict:
@@ -127,7 +147,7 @@ def completion_record(c: Completion, tokenizer) -> dict:
         "prompt": c.request.prompt,
         "completion": tokenizer.decode(c.tokens) if tokenizer is not None else None,
         "tokens": c.tokens,
-        "logprobs": [round(x, 5) for x in c.logprobs],
+        "logprobs": [round(x, 5) if math.isfinite(x) else None for x in c.logprobs],  # JSON has no NaN
         "finish_reason": c.finish_reason,
         "prompt_tokens": len(c.request.prompt_tokens),
         "generated_tokens": len(c.tokens),
@@ -137,7 +157,15 @@ def completion_record(c: Completion, tokenizer) -> dict:
 def run(cfg: DictConfig) -> int:
     setup = setup_inference(cfg)
     ctx, source, runner, tokenizer = setup.ctx, setup.source, setup.runner, setup.tokenizer
-    requests = replica_requests(cfg, ctx, source, tokenizer) if ctx.is_first else None
+
+    def prepare() -> Optional[list[Request]]:
+        out = resolve_path(cfg.output)
+        if ctx.rank == 0 and out is not None:  # before generating: an unwritable output must not cost the work
+            check_output_file(out, "output", resolve_path(cfg.input))
+        limit = TokenLimit.of(source.args, runner.capacity)
+        return replica_requests(cfg, ctx, source, tokenizer, limit) if ctx.is_first else None
+
+    requests = agree(ctx, prepare)
     progress = _progress(cfg, ctx)
     records: list[tuple[int, dict]] = []
 
@@ -145,7 +173,8 @@ def run(cfg: DictConfig) -> int:
         records.append((c.request.uid, completion_record(c, tokenizer)))
         progress.finished()
 
-    _, stats = run_pipeline(ctx, runner, requests, tokenizer.eos_id if tokenizer else None, on_complete)
+    _, stats = run_pipeline(ctx, runner, iter(requests) if requests is not None else None,
+                            tokenizer.eos_id if tokenizer else None, on_complete)
     if ctx.rank != 0:
         progress.close()
     all_records, all_stats = _gather_to_rank0(ctx, records, stats)
@@ -208,6 +237,6 @@ def _write(cfg: DictConfig, records: list[dict]) -> None:
     tmp = out.with_suffix(out.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
     tmp.replace(out)
     print(f"wrote {len(records)} results to {out}", flush=True)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from pp_runtime import errors
+from pp_runtime import errors, liveness
 from pp_runtime.errors import ConfigError, PPRuntimeError
 
 T = TypeVar("T")
@@ -94,6 +94,7 @@ def init_parallel(stages: Optional[int] = None, data_parallel: int = 1, device: 
                                 device_id=dev if dev.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
+    liveness.start(rank, world)  # a peer that dies or freezes now ends every rank within a bound
     mesh = init_device_mesh(dev.type, (data_parallel, pp), mesh_dim_names=("dp", "pp"))
     pp_group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
     dp_rank, pp_rank = rank // pp, rank % pp
@@ -128,6 +129,7 @@ def shutdown() -> None:
     _PIPE_GROUPS.clear()
     if dist.is_initialized():
         dist.barrier()
+        liveness.stop()
         dist.destroy_process_group()
 
 

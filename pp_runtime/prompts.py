@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pp_runtime.errors import InputError
+from pp_runtime.errors import InputError, PPRuntimeError
 from pp_runtime.sampling import SamplingParams
 from pp_runtime.scheduler import Request
 
@@ -21,6 +22,7 @@ class PromptRecord:
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
+    where: str = ""  # "FILE line N (id X)" for messages; empty for a command-line prompt
 
 
 def check_input_file(path: Path) -> None:
@@ -29,18 +31,30 @@ def check_input_file(path: Path) -> None:
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Stream non-blank lines with their 1-based numbers; the file is never loaded whole."""
+    """Stream non-blank lines with their 1-based numbers; the file is never loaded whole. Bytes that
+    are not UTF-8 are kept (as surrogates), so only their own line is rejected, by parse_prompt_line."""
     check_input_file(path)
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", errors="surrogateescape")
             if line.strip():
                 yield no, line
+
+
+def check_utf8(line: str, where: str) -> None:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - 0xDC00
+        raise InputError(f"{where}: not valid UTF-8 (byte 0x{byte:02x} at column {e.start + 1}); "
+                         "save the file as UTF-8") from None
 
 
 def parse_prompt_line(line: str, line_no: int, source: str = "input") -> PromptRecord:
     """`{"id", "prompt", [max_new_tokens, temperature, top_p, top_k]}` or an OpenAI batch line
     (`custom_id`, `body` with `prompt` or `messages`, `max_tokens`, `temperature`, `top_p`)."""
     where = f"{source} line {line_no}"
+    check_utf8(line, where)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -56,22 +70,26 @@ def parse_prompt_line(line: str, line_no: int, source: str = "input") -> PromptR
         raise InputError(f"{where}: no \"prompt\" string (or \"messages\" list); every line needs one")
     if not prompt.strip():
         raise InputError(f"{where}: the prompt is empty; give a non-empty prompt")
-    try:
-        return PromptRecord(
-            line_no=line_no, id=rid, prompt=prompt,
-            max_new_tokens=_opt(body, ("max_new_tokens", "max_tokens"), int),
-            temperature=_opt(body, ("temperature",), float),
-            top_p=_opt(body, ("top_p",), float),
-            top_k=_opt(body, ("top_k",), int),
-        )
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{where}: {e}") from None
+    where = f"{where} (id {rid!r})"
+    return PromptRecord(
+        line_no=line_no, id=rid, prompt=prompt,
+        max_new_tokens=_opt(body, ("max_new_tokens", "max_tokens"), int, where),
+        temperature=_opt(body, ("temperature",), float, where),
+        top_p=_opt(body, ("top_p",), float, where),
+        top_k=_opt(body, ("top_k",), int, where),
+        where=where,
+    )
 
 
-def _opt(obj: dict, keys: tuple[str, ...], kind: type) -> Any:
+def _opt(obj: dict, keys: tuple[str, ...], kind: type, where: str) -> Any:
     for k in keys:
-        if obj.get(k) is not None:
-            return kind(obj[k])
+        v = obj.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+                kind is int and not (isinstance(v, int) or v.is_integer())):
+            raise InputError(f"{where}: {k}={v!r} is not {'an integer' if kind is int else 'a finite number'}")
+        return kind(v)
     return None
 
 
@@ -89,45 +107,52 @@ def _messages_to_prompt(messages: list, where: str) -> str:
 
 
 def make_request(uid: int, rec: PromptRecord, tokenizer, default_max_new: int, default_sampling: SamplingParams) -> Request:
+    """Errors name the input line and id (or the request id of a command-line prompt)."""
+    where = rec.where or f"request {rec.id!r}"
     tokens = tokenizer.encode(rec.prompt, bos=True)
     if len(tokens) <= (1 if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else 0):
-        raise InputError(f"request {rec.id!r}: the prompt tokenises to nothing; give a non-empty prompt")
-    sampling = SamplingParams(
-        temperature=default_sampling.temperature if rec.temperature is None else rec.temperature,
-        top_p=default_sampling.top_p if rec.top_p is None else rec.top_p,
-        top_k=default_sampling.top_k if rec.top_k is None else rec.top_k,
-        seed=default_sampling.seed,
-    )
+        raise InputError(f"{where}: the prompt tokenises to nothing; give a non-empty prompt")
+    try:
+        sampling = SamplingParams(
+            temperature=default_sampling.temperature if rec.temperature is None else rec.temperature,
+            top_p=default_sampling.top_p if rec.top_p is None else rec.top_p,
+            top_k=default_sampling.top_k if rec.top_k is None else rec.top_k,
+            seed=default_sampling.seed,
+        )
+    except PPRuntimeError as e:
+        raise InputError(f"{where}: {e}") from None
     return Request(uid=uid, id=rec.id, prompt=rec.prompt, prompt_tokens=tokens,
                    max_new_tokens=default_max_new if rec.max_new_tokens is None else rec.max_new_tokens,
                    sampling=sampling)
 
 
-def token_limit(args, capacity: int) -> int:
-    """Longest prompt + max_new_tokens a sequence may reach: the model's context when the ring covers
-    the sliding window (older tokens roll out), else the ring itself."""
-    return args.max_seq_len if args.sliding_window is not None and capacity >= args.sliding_window else capacity
+@dataclass(frozen=True)
+class TokenLimit:
+    """Longest prompt + max_new_tokens a sequence may reach, and how to fit a longer one: a windowed
+    ring covers the model's whole context (older tokens roll out); a ring without a window holds whole
+    sequences, so its length is the setting to change."""
+
+    tokens: int
+    hint: str
+
+    @classmethod
+    def of(cls, args, capacity: int) -> "TokenLimit":
+        if args.sliding_window is not None and capacity >= args.sliding_window:
+            return cls(args.max_seq_len, "shorten the prompt or lower max_new_tokens")
+        return cls(capacity, "shorten the prompt, lower max_new_tokens, or lengthen each sequence's KV ring: set "
+                   "inference.cache_len, or leave it unset and raise inference.gpu_memory_fraction or use fewer "
+                   "slots (inference.batch_size x inference.microbatches) or more pipeline stages")
 
 
-def limit_hint(args, capacity: int) -> str:
-    """How to fit a request over `token_limit`: a windowed ring covers any length up to the model's
-    context; a ring without a window holds whole sequences, so its length is the setting to change."""
-    if args.sliding_window is not None and capacity >= args.sliding_window:
-        return "shorten the prompt or lower max_new_tokens"
-    return ("shorten the prompt, lower max_new_tokens, or lengthen each sequence's KV ring: set "
-            "inference.cache_len, or leave it unset and raise inference.gpu_memory_fraction or use fewer "
-            "slots (inference.batch_size x inference.microbatches) or more pipeline stages")
-
-
-def check_request(req: Request, limit: int, where: str, hint: str = "shorten the prompt or lower max_new_tokens") -> None:
+def check_request(req: Request, limit: TokenLimit, where: str) -> None:
     """Reject a request the engine cannot serve, before it takes a cache slot."""
     n = len(req.prompt_tokens)
     if n == 0:
         raise InputError(f"{where}: the prompt tokenises to nothing; give a non-empty prompt")
     if req.max_new_tokens < 1:
         raise InputError(f"{where}: max_new_tokens={req.max_new_tokens} must be at least 1")
-    if n + req.max_new_tokens > limit:
+    if n + req.max_new_tokens > limit.tokens:
         raise InputError(
             f"{where}: prompt of {n} tokens + max_new_tokens {req.max_new_tokens} exceeds the "
-            f"model's limit of {limit} tokens; {hint}"
+            f"model's limit of {limit.tokens} tokens; {limit.hint}"
         )

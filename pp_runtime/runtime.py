@@ -86,6 +86,17 @@ def init_random_(module: torch.nn.Module, seed: int) -> None:
 
 def make_plan(args: ModelArgs, ctx: ParallelContext, pipeline_cfg: "DictConfig", training: bool = False,
               virtual_stages: int = 1) -> StagePlan:
-    split = pipeline_cfg.get("split")
-    return plan_for(args, ctx.pp_size, virtual_stages=virtual_stages,
-                    split=list(split) if split is not None else None, training=training)
+    return plan_for(args, ctx.pp_size, virtual_stages=virtual_stages, split=split_from_config(pipeline_cfg.get("split")),
+                    training=training)
+
+
+def split_from_config(split) -> Optional[list[int]]:
+    """`pipeline.split` as a list of layer counts, or a one-line ConfigError (a string is not a list)."""
+    if split is None:
+        return None
+    from omegaconf import ListConfig
+
+    items = list(split) if isinstance(split, (list, tuple, ListConfig)) else None
+    if items is None or not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        raise ConfigError(f"pipeline.split={split!r} must be a list of layers per stage, e.g. pipeline.split=[3,3,2]")
+    return items

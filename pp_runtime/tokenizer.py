@@ -24,7 +24,11 @@ class Tokenizer:
                 "weights or set model.tokenizer=PATH"
             )
         self.path = model_path
-        self._sp = SentencePieceProcessor(model_file=str(model_path))
+        try:
+            self._sp = SentencePieceProcessor(model_file=str(model_path))
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"{model_path} is not a sentencepiece tokenizer model ({str(e).strip()}); it is "
+                                  "empty or damaged: copy Mistral's tokenizer.model again") from None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":

@@ -42,11 +42,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pp_runtime.args import ModelArgs
-from pp_runtime.checkpoint import full_spec, stage_shapes, write_safetensors_streaming
+from pp_runtime.checkpoint import check_finite, full_spec, open_safetensors, stage_shapes, write_safetensors_streaming
 from pp_runtime.errors import CheckpointError, ConfigError, PPRuntimeError
 from pp_runtime.moe import per_expert_names, stack_experts_, unstack_experts
 from pp_runtime.partition import StageSpec
@@ -329,9 +328,9 @@ def load_tensors(
     for f in _shard_paths(path, manifest, kind):
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} lacks {f.name}; it is incomplete, use an older one")
-        with safe_open(str(f), framework="pt", device="cpu") as h:
+        with open_safetensors(f) as h:
             for key in wanted.intersection(h.keys()):
-                out[key] = h.get_tensor(key).to(device)
+                out[key] = check_finite(h.get_tensor(key).to(device), key, f)
     missing = sorted(wanted - set(out))
     if missing and required:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -372,7 +371,7 @@ def export_checkpoint(
     with ExitStack() as stack:
         where: dict[str, Any] = {}
         for f in _shard_paths(path, manifest, "weights"):
-            h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            h = stack.enter_context(open_safetensors(f))
             where.update({k: h for k in h.keys()})
         missing = [n for n in shapes if n not in where]
         if missing:

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from pp_runtime.errors import ConfigError, InputError
+from pp_runtime.prompts import check_utf8, iter_lines
 
 IGNORE = -100
 
@@ -86,16 +87,14 @@ def read_documents(path: str | Path, tokenizer) -> list[Document]:
     if not path.is_file():
         raise InputError(f"data file {str(path)!r} does not exist; set data.path to a JSONL file")
     docs: list[Document] = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            docs.append(parse_line(obj, where, tokenizer))
+    for no, line in iter_lines(path):
+        where = f"{path} line {no}"
+        check_utf8(line, where)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        docs.append(parse_line(obj, where, tokenizer))
     if not docs:
         raise InputError(f"data file {path} is empty: it needs JSONL lines of {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}}")
     return docs

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pp_runtime.args import ModelArgs
 from pp_runtime.attention_meta import build_training_meta
 from pp_runtime.comm import PeerLink
+from pp_runtime.errors import TrainingError
 from pp_runtime.executor import MicroBatch, PipelineExecutor
 from pp_runtime.model import StageModule
 from pp_runtime.moe import ExpertLoad, expert_token_counts
@@ -52,6 +53,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is not finite, instead of stopping
     activation_checkpointing: bool = False
     master_weights: Optional[bool] = None  # None = when the model dtype is below float32
     peak_flops: float = PEAK_FLOPS_H200_BF16
@@ -103,23 +105,30 @@ class StepStats:
     tokens_per_s: float
     mfu: Optional[float]
     epoch: float
+    skipped_nonfinite: int = 0  # steps skipped so far for a non-finite loss or gradient norm (this run)
     timings: list = field(default_factory=list, repr=False)  # this rank's (Action, start, end)
     expert_load: Optional[ExpertLoad] = None  # MoE: tokens per expert per layer in the step
 
     def to_json(self) -> dict:
         return {
-            "step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
+            "step": self.step, "loss": _json_number(self.loss), "lr": self.lr, "grad_norm": _json_number(self.grad_norm),
             "tokens": self.tokens, "valid_tokens": self.valid_tokens, "step_time_s": round(self.step_time_s, 6),
             "tokens_per_s": round(self.tokens_per_s, 2), "mfu": None if self.mfu is None else round(self.mfu, 5),
-            "epoch": round(self.epoch, 5), "time": time.time(),
+            "epoch": round(self.epoch, 5), "skipped_nonfinite": self.skipped_nonfinite, "time": time.time(),
             **({"expert_tokens": self.expert_load.to_json()} if self.expert_load is not None else {}),
         }
 
     def line(self, total_steps: int) -> str:
         mfu = f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""
         experts = f" | {self.expert_load.line()}" if self.expert_load is not None else ""
+        mfu += f" | {self.skipped_nonfinite} non-finite step(s) skipped" if self.skipped_nonfinite else ""
         return (f"step {self.step}/{total_steps} | loss {self.loss:.4f} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.4f} | "
                 f"{self.tokens_per_s:,.0f} tok/s{mfu} | {self.step_time_s:.3f}s{experts}")
+
+
+def _json_number(x: float) -> Optional[float]:
+    """JSON has no NaN: a skipped non-finite step's loss is written as null."""
+    return x if math.isfinite(x) else None
 
 
 class Trainer:
@@ -142,6 +151,7 @@ class Trainer:
         self.rows_per_replica = cfg.batch_size // ctx.dp_size
         self.step_count = 0  # optimizer steps taken
         self.position = 0  # rows of the data stream consumed
+        self.skipped_nonfinite = 0
         self.metrics_path = metrics_path if ctx.rank == 0 else None
         self.console = console and ctx.rank == 0
         for m in self.stages.values():
@@ -204,17 +214,27 @@ class Trainer:
         record = self.executor.run(self.microbatches(batch), loss_fn)
         self._reduce_gradients()
         grad_norm = self._clip()
-        lr = lr_at(self.step_count, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        if self.master:
-            with torch.no_grad():
-                torch._foreach_copy_([p for _, p in self.named_params], [mp for _, mp in self.opt_params])
         loss_sum = record.loss_sum.clone()
         if ctx.distributed:
             dist.all_reduce(loss_sum)  # only last-stage ranks contribute; the sum is over replicas
         expert_load = self._expert_load()
+        loss = float(loss_sum) / max(n_valid, 1)
+        lr = lr_at(self.step_count, cfg)
+        if math.isfinite(loss) and math.isfinite(grad_norm):  # both are the same on every rank
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            if self.master:
+                with torch.no_grad():
+                    torch._foreach_copy_([p for _, p in self.named_params], [mp for _, mp in self.opt_params])
+        elif cfg.skip_nonfinite:
+            self.skipped_nonfinite += 1
+        else:
+            raise TrainingError(
+                f"step {self.step_count + 1}: the loss is {loss} and the gradient norm {grad_norm}; training stopped "
+                "without applying or saving this step (the last checkpoint is intact). Lower train.lr, check the "
+                "data, or set train.skip_nonfinite=true to skip such steps"
+            )
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
@@ -223,9 +243,10 @@ class Trainer:
         tokens = int(batch.tokens.numel())
         tps = tokens / max(dt, 1e-12)
         mfu = tps * self.flops_per_token / (ctx.world_size * cfg.peak_flops) if ctx.device.type == "cuda" else None
-        stats = StepStats(step=self.step_count, loss=float(loss_sum) / max(n_valid, 1), lr=lr, grad_norm=grad_norm,
+        stats = StepStats(step=self.step_count, loss=loss, lr=lr, grad_norm=grad_norm,
                           tokens=tokens, valid_tokens=n_valid, step_time_s=dt, tokens_per_s=tps, mfu=mfu,
-                          epoch=self.data.epoch_of(self.position), timings=record.timings, expert_load=expert_load)
+                          epoch=self.data.epoch_of(self.position), skipped_nonfinite=self.skipped_nonfinite,
+                          timings=record.timings, expert_load=expert_load)
         self._log(stats)
         return stats
 
@@ -292,7 +313,7 @@ class Trainer:
         if self.metrics_path is not None:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(stats.to_json()) + "\n")
+                f.write(json.dumps(stats.to_json(), allow_nan=False) + "\n")
 
     # ------------------------------------------------------------------------------ state
     def weights_of_record(self) -> dict[str, torch.Tensor]:
@@ -326,3 +347,22 @@ class Trainer:
                     "exp_avg_sq": optim[f"{n}.exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
                 }
         self.step_count, self.position = int(step), int(position)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps 1..`step` (a resumed run continues from there; the lines a crashed
+    run wrote after its last checkpoint would otherwise appear twice)."""
+    if not path.is_file():
+        path.write_text("")
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            rec_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line cut off by the crash
+        if isinstance(rec_step, int) and rec_step <= step and line.endswith("\n"):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)

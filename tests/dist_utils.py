@@ -50,3 +50,48 @@ def run_ranks(world: int, fn, *args, timeout: float = 240.0) -> list:
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc): torchrun's workers, which run in their own sessions."""
+    import pathlib
+
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie or a vanished pid counts as gone)."""
+    import pathlib
+
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of `pids` runs; returns those still running after `timeout` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def kill_all(pids: list[int]) -> None:
+    import signal
+
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_utils import children, kill_all, wait_gone
 from pp_runtime.batch_job import LineSet, merge_results, repair_jsonl
+from pp_runtime.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
 N_PROMPTS = 240
@@ -115,7 +118,7 @@ def test_two_replicas_of_two_stages_match_one_process(tiny_ckpt, prompts_file, r
     assert summary["requests"] == N_PROMPTS and summary["errors"] == 0 and summary["complete"]
     assert summary["replicas"] == 2 and summary["stages"] == 2
     assert summary["generated_tokens"] == sum(r["generated_tokens"] for r in reference)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.job.json", "out.jsonl.summary.json"]
 
 
 def test_kill9_and_restart_writes_every_id_once(tiny_ckpt, prompts_file, reference, tmp_path):
@@ -134,12 +137,18 @@ def test_kill9_and_restart_writes_every_id_once(tiny_ckpt, prompts_file, referen
         return sum(p.read_bytes().count(b"\n") for p in parts if p.exists())
 
     deadline = time.monotonic() + 180
+    workers: list[int] = []
     try:
         while lines_written() < 12 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        workers = children(proc.pid)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun only: its workers run in sessions of their own
         proc.wait()
+    try:  # they notice their launcher is gone and exit by themselves; until then the output stays locked
+        assert len(workers) == 2 and wait_gone(workers, 60) == []
+    finally:
+        kill_all(workers)
     written = lines_written()
     assert 12 <= written < N_PROMPTS, f"the run was not caught mid-way ({written} lines)"
     assert not out.exists() and not (tmp_path / "out.jsonl.summary.json").exists()
@@ -180,7 +189,8 @@ BAD_LINES = [
 
 def test_malformed_lines_go_to_the_errors_file(tiny_ckpt, tmp_path):
     inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(BAD_LINES) + "\n")
+    inp.write_bytes(("\n".join(BAD_LINES) + "\n").encode()
+                    + b'{"id": "latin-1", "prompt": "caf\xe9"}\n{"id": "nan-temp", "prompt": "a cat", "temperature": NaN}\n')
     out = tmp_path / "out.jsonl"
     args = [f"model.path={tiny_ckpt}", f"input={inp}", f"output={out}", "max_new_tokens=4", "device=cpu",
             "progress=false"]
@@ -190,7 +200,7 @@ def test_malformed_lines_go_to_the_errors_file(tiny_ckpt, tmp_path):
     assert [r["line"] for r in results] == [1, 10, 12]
     assert results[1]["generated_tokens"] <= 4
     errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
-    assert [e["line"] for e in errors] == [2, 3, 4, 6, 7, 8, 9, 11]
+    assert [e["line"] for e in errors] == [2, 3, 4, 6, 7, 8, 9, 11, 13, 14]
     reasons = {e["line"]: e["error"] for e in errors}
     assert "not valid JSON" in reasons[2] and "line 2" in reasons[2]
     assert "no \"prompt\"" in reasons[3] and errors[1]["id"] == "no-prompt"
@@ -198,15 +208,90 @@ def test_malformed_lines_go_to_the_errors_file(tiny_ckpt, tmp_path):
     assert "exceeds the model's limit of 4096 tokens" in reasons[6]
     assert "JSON object" in reasons[7]
     assert "max_new_tokens=0" in reasons[8]
-    assert "temperature" in reasons[9]
+    assert "line 9 (id 'neg-temp'): " in reasons[9] and "temperature" in reasons[9]
+    assert "line 13: not valid UTF-8 (byte 0xe9" in reasons[13] and errors[8]["id"] is None
+    assert "line 14 (id 'nan-temp'): temperature=nan is not a finite number" in reasons[14]
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
-    assert summary["requests"] == 3 and summary["errors"] == 8 and summary["complete"]
+    assert summary["requests"] == 3 and summary["errors"] == 10 and summary["complete"]
 
     # a rerun checks the bad lines again, finds the good ones done, duplicates nothing
     before = out.read_bytes()
     assert run_inprocess(args) == 0
     assert out.read_bytes() == before
-    assert len(read_jsonl(tmp_path / "out.jsonl.errors.jsonl")) == 8
+    assert len(read_jsonl(tmp_path / "out.jsonl.errors.jsonl")) == 10
+
+    # a rerun that fails on a bad setting leaves the last run's errors and summary alone
+    with pytest.raises(ConfigError, match="sampling.temperature='hot'"):
+        run_inprocess(args + ["sampling.temperature=hot"])
+    assert len(read_jsonl(tmp_path / "out.jsonl.errors.jsonl")) == 10
+    assert (tmp_path / "out.jsonl.summary.json").is_file()
+
+
+def test_every_line_rejected_is_an_error(tiny_ckpt, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(InputError, match="every input line was rejected \\(2 errors"):
+        run_inprocess([f"model.path={tiny_ckpt}", f"input={inp}", f"output={tmp_path / 'out.jsonl'}", "device=cpu",
+                       "progress=false"])
+    assert len(read_jsonl(tmp_path / "out.jsonl.errors.jsonl")) == 2
+
+
+SMALL = ["the cat sat", "two dogs ran past", "a blue kite", "seven red boxes"]
+
+
+def _small_input(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def test_output_is_bound_to_its_input_and_settings(tiny_ckpt, tmp_path):
+    """A rerun into an output made from another input (or with other settings) is refused before
+    anything is touched; overwrite=true starts over and gives what a fresh output gets."""
+    a = _small_input(tmp_path / "a.jsonl", SMALL)
+    b = _small_input(tmp_path / "b.jsonl", SMALL[::-1])
+    out = tmp_path / "out.jsonl"
+    common = [f"model.path={tiny_ckpt}", "max_new_tokens=4", "device=cpu", "progress=false"]
+    assert run_inprocess(common + [f"input={a}", f"output={out}"]) == 0
+    before = out.read_bytes()
+    with pytest.raises(ConfigError, match=r"holds results of another input or other settings \(input .*a\.jsonl.* vs "
+                                          r".*b\.jsonl.*overwrite=true"):
+        run_inprocess(common + [f"input={b}", f"output={out}"])
+    with pytest.raises(ConfigError, match=r"other settings \(max_new_tokens 4 vs 5\)"):
+        run_inprocess(common + [f"input={a}", f"output={out}", "max_new_tokens=5"])
+    with pytest.raises(ConfigError, match=r"sampling.temperature 0.0 vs 0.5"):
+        run_inprocess(common + [f"input={a}", f"output={out}", "sampling.temperature=0.5"])
+    assert out.read_bytes() == before
+    # the same input under another path is the same input
+    shutil.copy(a, tmp_path / "a_copy.jsonl")
+    assert run_inprocess(common + [f"input={tmp_path / 'a_copy.jsonl'}", f"output={out}"]) == 0
+    assert out.read_bytes() == before
+
+    fresh = tmp_path / "fresh.jsonl"
+    assert run_inprocess(common + [f"input={b}", f"output={fresh}"]) == 0
+    assert run_inprocess(common + [f"input={b}", f"output={out}", "overwrite=true"]) == 0
+    assert_same_results(read_jsonl(out), read_jsonl(fresh))
+
+
+def test_a_locked_output_is_refused_until_its_job_is_gone(tiny_ckpt, tmp_path):
+    inp = _small_input(tmp_path / "in.jsonl", SMALL)
+    out = tmp_path / "out.jsonl"
+    holder = subprocess.Popen(  # another job holding the output (what a running batch job does)
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pp_runtime.output_files import "
+         "OutputLock; OutputLock.acquire(Path(sys.argv[1]), 'x'); print('locked', flush=True); time.sleep(600)",
+         str(tmp_path / "out.jsonl.lock")], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = [f"model.path={tiny_ckpt}", f"input={inp}", f"output={out}", "max_new_tokens=4", "device=cpu",
+                "progress=false"]
+        with pytest.raises(ConfigError, match=rf"output .*out\.jsonl is in use by another job \(pid {holder.pid} on "):
+            run_inprocess(args)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_inprocess(args) == 0  # a lock left by a dead job is stale: taken over
+    assert [r["id"] for r in read_jsonl(out)] == ["q0", "q1", "q2", "q3"]
+    assert not (tmp_path / "out.jsonl.lock").exists()
 
 
 def test_strict_fails_cleanly_on_every_rank(tiny_ckpt, tmp_path):
@@ -240,8 +325,6 @@ def _free_port() -> int:
 
 
 def test_bad_config_is_one_line(tmp_path):
-    from pp_runtime.errors import ConfigError, InputError
-
     with pytest.raises(ConfigError, match="needs input="):
         run_inprocess(["device=cpu", f"output={tmp_path / 'o.jsonl'}"])
     with pytest.raises(InputError, match="does not exist"):
