@@ -158,7 +158,7 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     check_batch_shape(tcfg.batch_size, ctx.dp_size, schedule.n_microbatches)
     split = cfg.pipeline.get("split")
     plan = plan_for(args, ctx.pp_size, virtual_stages=schedule.virtual_stages,
-                    split=list(split) if split is not None else None, training=True)
+                    split=list(split) if split is not None else None, training=True, stage_ranks=schedule.stage_ranks)
     data_path = resolve_path(cfg.data.path)
     data = PackedDataset.from_jsonl(data_path, tokenizer, int(cfg.data.seq_len), shuffle=bool(cfg.data.shuffle),
                                     seed=int(cfg.data.seed))
@@ -216,7 +216,7 @@ def _draw_timeline(job: Job, stats: StepStats, path: Path) -> None:
         from pp_runtime.timeline import draw_timeline
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        draw_timeline(rows, path, title=f"{job.schedule.name}, step {stats.step} (measured)")
+        draw_timeline(rows, path, title=f"{job.schedule.name}, step {stats.step} (measured)", schedule=job.schedule)
         print(f"timeline of step {stats.step} written to {path}", flush=True)
 
 

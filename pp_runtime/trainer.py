@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from pp_runtime.args import ModelArgs
 from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.comm import PeerLink
-from pp_runtime.executor import MicroBatch, PipelineExecutor
+from pp_runtime.comm import EdgeLinks
+from pp_runtime.executor import MicroBatch, PipelineExecutor, pipeline_edges
 from pp_runtime.model import StageModule
-from pp_runtime.parallel import ParallelContext
+from pp_runtime.parallel import ParallelContext, edge_groups
 from pp_runtime.schedules import Schedule
 from pp_runtime.train_data import IGNORE, Batch, PackedDataset, check_batch_shape
 
@@ -157,8 +157,8 @@ class Trainer:
             self.opt_params = self.named_params
         self.optimizer = torch.optim.AdamW(param_groups(self.opt_params, cfg.weight_decay), lr=cfg.lr,
                                            betas=tuple(cfg.betas), eps=cfg.eps)
-        link = PeerLink(ctx.device, ctx.pp_group) if ctx.pp_size > 1 else None
-        self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, link, ctx.device)
+        links = EdgeLinks(ctx.rank, edge_groups(ctx, pipeline_edges(schedule))) if ctx.pp_size > 1 else None
+        self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, links, ctx.device)
         self.flops_per_token = flops_per_token(args, data.seq_len)
 
     # ------------------------------------------------------------------------------ batches
