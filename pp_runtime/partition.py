@@ -103,12 +103,13 @@ def partition(
     split: Optional[Sequence[int]] = None,
     stage_ranks: Optional[Sequence[int]] = None,
 ) -> StagePlan:
-    """Split the blocks into `n_ranks * virtual_stages` contiguous stages minimising the slowest one.
+    """Split the blocks into `n_ranks * virtual_stages` contiguous stages minimising the slowest
+    one, then, among such splits, the busiest rank (a rank runs all its stages per micro-batch).
 
     Stage s lives on rank stage_ranks[s] (the schedule's map; default s % n_ranks, the interleaved
     layout). The embedding goes with the first stage and the norm+head with the last: in the V
-    layout both are on rank 0, and since every stage's cost counts them, the stages next to them
-    get fewer blocks and the ranks stay balanced up to one block.
+    layout both are on rank 0, so the blocks move off rank 0's stages until the ranks are balanced
+    as far as whole blocks allow.
     """
     n_layers = len(costs.blocks)
     if n_ranks < 1:
@@ -144,7 +145,7 @@ def partition(
                 f"{n_stages} stages ({n_ranks} ranks x {virtual_stages} virtual) for {n_layers} layers: "
                 f"use at most {n_layers} stages (fewer GPUs, fewer virtual stages, or pipeline.data_parallel)"
             )
-        bounds = _min_max_split(costs, n_stages)
+        bounds = _balance_ranks(costs, _min_max_split(costs, n_stages), ranks, n_ranks)
     stages = tuple(
         StageSpec(
             index=s,
@@ -158,6 +159,33 @@ def partition(
         for s in range(n_stages)
     )
     return StagePlan(stages=stages, n_ranks=n_ranks)
+
+
+def _balance_ranks(costs: LayerCosts, bounds: list[int], ranks: Sequence[int], n_ranks: int) -> list[int]:
+    """Move stage boundaries one block at a time while that lowers the busiest rank's load (then
+    the next busiest, ...) without making the slowest stage slower; each stage keeps a block."""
+    last = len(bounds) - 2
+
+    def score(b: list[int]) -> tuple[float, list[float]]:
+        stage = [_stage_cost(costs, b[s], b[s + 1], s == 0, s == last) for s in range(last + 1)]
+        loads = [0.0] * n_ranks
+        for s, c in enumerate(stage):
+            loads[ranks[s]] += c
+        return max(stage), sorted(loads, reverse=True)
+
+    slowest, best = score(bounds)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, last + 1):
+            for step in (-1, 1):
+                moved = bounds[:i] + [bounds[i] + step] + bounds[i + 1:]
+                if not moved[i - 1] < moved[i] < moved[i + 1]:
+                    continue
+                top, loads = score(moved)
+                if top <= slowest + 1e-9 and loads < best:
+                    bounds, best, improved = moved, loads, True
+    return bounds
 
 
 def _min_max_split(costs: LayerCosts, n_stages: int) -> list[int]:

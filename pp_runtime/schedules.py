@@ -294,8 +294,9 @@ def schedule_interleaved_zb(n_ranks: int, n_microbatches: int, virtual_stages: i
     the W's postponed into the bubbles (the interleaved variant of ZB-H1).
 
     The F/B order is Megatron's interleaved one; rank r keeps at most r weight gradients waiting,
-    as ZB-H1 does. With equal F, B and W times the makespan is 3vm + p - 1 chunk-units (1F1B's
-    cool-down bubble filled) at the peak activations of interleaved 1F1B."""
+    as ZB-H1 does. With equal F, B and W times the makespan is 3vm + p - 1 chunk-units (the
+    cool-down bubble filled); no rank holds more activations than interleaved 1F1B's worst rank
+    (rank 0), though the later ranks hold more than they did."""
     base = schedule_interleaved_1f1b(n_ranks, n_microbatches, virtual_stages)
     rows = _postpone_weight_grads(base, most_pending=range(n_ranks))
     return _make("interleaved-zb", n_ranks, n_microbatches, virtual_stages, rows)
