@@ -145,7 +145,9 @@ def partition(
                 f"{n_stages} stages ({n_ranks} ranks x {virtual_stages} virtual) for {n_layers} layers: "
                 f"use at most {n_layers} stages (fewer GPUs, fewer virtual stages, or pipeline.data_parallel)"
             )
-        bounds = _balance_ranks(costs, _min_max_split(costs, n_stages), ranks, n_ranks)
+        bounds = _min_max_split(costs, n_stages)
+        if virtual_stages > 1:  # with one stage per rank the slowest stage is the busiest rank
+            bounds = _balance_ranks(costs, bounds, ranks, n_ranks)
     stages = tuple(
         StageSpec(
             index=s,
