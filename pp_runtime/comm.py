@@ -36,9 +36,20 @@ def edge_groups(pp_ranks_of_replicas: Sequence[Sequence[int]], edges: Iterable[E
         for src, dst, lane in edges:
             key = (ranks[src], ranks[dst], lane)
             if key not in _EDGE_GROUPS:
-                _EDGE_GROUPS[key] = dist.new_group(sorted({ranks[src], ranks[dst]}))
+                members = sorted({ranks[src], ranks[dst]})
+                _EDGE_GROUPS[key] = group = dist.new_group(members)
+                if dist.get_rank() in members:
+                    _open(group)
             out[key] = _EDGE_GROUPS[key]
     return out
+
+
+def _open(group: dist.ProcessGroup) -> None:
+    """Set up the group's communicator now, both members at the same point of the same order,
+    rather than at its first send or receive (on NCCL a lazily made communicator would block the
+    host of a rank that posts a receive early until its peer reaches that edge)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
 
 
 def forget_groups() -> None:
