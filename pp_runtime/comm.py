@@ -1,83 +1,102 @@
-"""Point-to-point messages between pipeline stages.
+"""Point-to-point traffic between pipeline stages: every op a batched P2P op on its own group.
 
-Every message is self-describing: a fixed-size header announces the shapes and dtypes of the
-tensors that follow, so variable-length packed micro-batches never freeze a shape. Sends are
-asynchronous and kept alive until they complete; NCCL on GPU, gloo on CPU, same code.
+Each directed edge of a pipeline gets its own process group per kind of traffic (a lane): the
+activations rank i sends rank j, the gradients j sends back to i, the sampled tokens the last
+stage returns to the first. On GPU every NCCL communicator has its own stream, so a receive
+posted early on one edge never holds up a send on another (one communicator would run them in
+posting order). Messages of one lane of one edge are matched in posting order, so a receiver
+posts its receives in the order its sender sends. NCCL on GPU, gloo on CPU, same code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-HEADER_LEN = 16
-MAX_TENSORS = 3
-_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+KIND_DATA, KIND_STOP, KIND_ABORT = 0, 1, 2  # step-table kinds of the generation pipeline
 
-KIND_DATA, KIND_STOP, KIND_ABORT = 0, 1, 2
+ACT, GRAD, RESULTS = "act", "grad", "results"  # lanes: activations, their gradients, sampled tokens
+Edge = tuple[int, int, str]  # (source rank, destination rank, lane)
 
-
-@dataclass
-class Message:
-    kind: int
-    tag: int  # caller-defined (micro-batch id, ...)
-    tensors: list[torch.Tensor]
+_EDGE_GROUPS: dict[Edge, dist.ProcessGroup] = {}  # by global ranks, until `forget_groups`
 
 
-class PeerLink:
-    """Ordered, typed messages to and from neighbouring ranks of one process group."""
+def edge_groups(pp_ranks_of_replicas: Sequence[Sequence[int]], edges: Iterable[Edge]) -> dict[Edge, dist.ProcessGroup]:
+    """The group of each directed edge (pipeline-rank source, destination, lane) of every replica,
+    keyed by global ranks; a group is made once per process and shared by whoever asks for it.
 
-    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.device = device
-        self.group = group
-        self._pending: list[tuple[dist.Work, list[torch.Tensor]]] = []
+    Collective the first time an edge is asked for: every rank of the world asks for the same
+    edges, with the same replica layout, at the same point."""
+    edges = sorted(set(edges))
+    out = {}
+    for ranks in pp_ranks_of_replicas:
+        for src, dst, lane in edges:
+            key = (ranks[src], ranks[dst], lane)
+            if key not in _EDGE_GROUPS:
+                members = sorted({ranks[src], ranks[dst]})
+                _EDGE_GROUPS[key] = group = dist.new_group(members)
+                if dist.get_rank() in members:
+                    _open(group)
+            out[key] = _EDGE_GROUPS[key]
+    return out
 
-    def send(self, peer: int, kind: int, tensors: Sequence[torch.Tensor] = (), tag: int = 0) -> None:
-        """Asynchronous send to global rank `peer`; tensors stay referenced until the send completes."""
-        if len(tensors) > MAX_TENSORS:
-            raise ValueError(f"at most {MAX_TENSORS} tensors per message")
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        header[0], header[1], header[2] = kind, tag, len(tensors)
-        for i, t in enumerate(tensors):
-            if t.dim() > 2:
-                raise ValueError("messages carry tensors of at most 2 dimensions")
-            shape = list(t.shape) + [1] * (2 - t.dim())
-            header[3 + 4 * i : 7 + 4 * i] = torch.tensor([_DTYPES.index(t.dtype), t.dim(), *shape])
-        bufs = [header.to(self.device)] + [t.contiguous() for t in tensors]
-        works = [dist.isend(b, peer, group=self.group) for b in bufs]
-        self._pending.append((works, bufs))
-        self._reap()
 
-    def recv(self, peer: int) -> Message:
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.recv(header, peer, group=self.group)
-        h = header.tolist()
-        tensors = []
-        for i in range(h[2]):
-            dtype_i, ndim, d0, d1 = h[3 + 4 * i : 7 + 4 * i]
-            shape = [d0, d1][:ndim]
-            tensors.append(torch.empty(shape, dtype=_DTYPES[dtype_i], device=self.device))
-        works = [dist.irecv(t, peer, group=self.group) for t in tensors]
-        for w in works:
-            w.wait()
-        return Message(kind=h[0], tag=h[1], tensors=tensors)
+def _open(group: dist.ProcessGroup) -> None:
+    """Set up the group's communicator now, both members at the same point of the same order,
+    rather than at its first send or receive (on NCCL a lazily made communicator would block the
+    host of a rank that posts a receive early until its peer reaches that edge)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
 
-    def _reap(self) -> None:
-        keep = []
-        for works, bufs in self._pending:
-            if all(w.is_completed() for w in works):
-                continue
-            keep.append((works, bufs))
-        self._pending = keep
+
+def forget_groups() -> None:
+    """Drop the edge groups (the process group they belong to is being destroyed)."""
+    _EDGE_GROUPS.clear()
+
+
+class BatchedP2P:
+    """Posts ops with `batch_isend_irecv`. Sends return at once and keep their tensors alive until
+    they have completed (`flush` waits for the rest). A receive returns its work handle, which
+    its caller waits on exactly once before reading the buffer (on GPU that makes the compute
+    stream wait, not the host; gloo's works hang on a second wait)."""
+
+    def __init__(self) -> None:
+        self._sending: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+
+    def _send(self, ops: list[dist.P2POp], keep: list[torch.Tensor]) -> None:
+        self._sending.append((dist.batch_isend_irecv(ops), keep))
+        self._sending = [(w, b) for w, b in self._sending if not all(x.is_completed() for x in w)]
+
+    @staticmethod
+    def _recv(op: dist.P2POp) -> dist.Work:
+        return dist.batch_isend_irecv([op])[0]
 
     def flush(self) -> None:
-        for works, _ in self._pending:
+        """Wait until every send has completed."""
+        for works, _ in self._sending:
             for w in works:
                 w.wait()
-        self._pending.clear()
+        self._sending.clear()
+
+
+class EdgeLinks(BatchedP2P):
+    """One pipeline rank's data plane for training: sends and receives by (peer, lane), each on
+    its edge's group."""
+
+    def __init__(self, my_rank: int, groups: Mapping[Edge, dist.ProcessGroup]) -> None:
+        super().__init__()
+        self.rank, self.groups = my_rank, groups
+
+    def send(self, tensor: torch.Tensor, dst: int, lane: str) -> None:
+        """Asynchronous send to global rank `dst`."""
+        self._send([dist.P2POp(dist.isend, tensor, dst, self.groups[self.rank, dst, lane])], [tensor])
+
+    def recv(self, buf: torch.Tensor, src: int, lane: str) -> dist.Work:
+        """Post a receive from global rank `src` into `buf`; wait on the returned work before reading it."""
+        return self._recv(dist.P2POp(dist.irecv, buf, src, self.groups[src, self.rank, lane]))
 
 
 def encode_text(text: str) -> torch.Tensor:
@@ -102,43 +121,39 @@ class PipeGroups:
     send to the other behind it (NCCL would serialise them on one communicator)."""
 
     control: Optional[dist.ProcessGroup]  # gloo, this replica's stages
-    from_prev: Optional[dist.ProcessGroup]  # edge (prev, me)
-    to_next: Optional[dist.ProcessGroup]  # edge (me, next)
-    results: Optional[dist.ProcessGroup]  # (last, first): sampled tokens come back on it
+    from_prev: Optional[dist.ProcessGroup]  # edge (prev, me), lane ACT
+    to_next: Optional[dist.ProcessGroup]  # edge (me, next), lane ACT
+    results: Optional[dist.ProcessGroup]  # edge (last, first), lane RESULTS: sampled tokens come back on it
 
 
 def make_pipe_groups(pp_ranks_of_replicas: Sequence[Sequence[int]], my_rank: int) -> PipeGroups:
     """Collective: every rank of the world calls it with the same replica layout, in the same order."""
-    mine = PipeGroups(None, None, None, None)
-    for ranks in pp_ranks_of_replicas:
+    controls = [dist.new_group(list(ranks), backend="gloo") for ranks in pp_ranks_of_replicas]
+    n = len(pp_ranks_of_replicas[0])
+    edges = [(i, i + 1, ACT) for i in range(n - 1)] + ([(n - 1, 0, RESULTS)] if n > 1 else [])
+    groups = edge_groups(pp_ranks_of_replicas, edges)
+    for control, ranks in zip(controls, pp_ranks_of_replicas):
         ranks = list(ranks)
-        control = dist.new_group(ranks, backend="gloo")
-        edges = [dist.new_group([ranks[i], ranks[i + 1]]) for i in range(len(ranks) - 1)]
-        results = dist.new_group([ranks[0], ranks[-1]]) if len(ranks) > 1 else None
         if my_rank in ranks:
             i = ranks.index(my_rank)
-            mine = PipeGroups(control, edges[i - 1] if i > 0 else None, edges[i] if i < len(ranks) - 1 else None,
-                              results)
-    return mine
+            return PipeGroups(
+                control,
+                groups[ranks[i - 1], my_rank, ACT] if i > 0 else None,
+                groups[my_rank, ranks[i + 1], ACT] if i < n - 1 else None,
+                groups[ranks[-1], ranks[0], RESULTS] if n > 1 else None,
+            )
+    return PipeGroups(None, None, None, None)
 
 
-class StageChannels:
-    """Point-to-point traffic of one generation stage, every op posted as a batched P2P op.
-
-    Sends return at once; their buffers are kept until the op completes. A receive returns its work
-    handle: waiting on it makes the compute stream wait (on GPU), not the host."""
+class StageChannels(BatchedP2P):
+    """Point-to-point traffic of one generation stage: step tables on the CPU control plane,
+    activations and results on their edges' groups."""
 
     def __init__(self, groups: PipeGroups, prev: Optional[int], next_: Optional[int], first: int, last: int,
                  table_rows: int) -> None:
+        super().__init__()
         self.groups, self.prev, self.next, self.first, self.last = groups, prev, next_, first, last
         self.table_rows = table_rows
-        self._pending: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
-
-    def _post(self, ops: list[dist.P2POp], keep: list[torch.Tensor]) -> list[dist.Work]:
-        works = dist.batch_isend_irecv(ops)
-        self._pending.append((works, keep))
-        self._reap()
-        return works
 
     # control plane (CPU)
     def send_table(self, table: torch.Tensor, text: Optional[torch.Tensor] = None) -> None:
@@ -146,7 +161,7 @@ class StageChannels:
         ops = [dist.P2POp(dist.isend, table, self.next, self.groups.control)]
         if text is not None:
             ops.append(dist.P2POp(dist.isend, text, self.next, self.groups.control))
-        self._post(ops, [table] + ([text] if text is not None else []))
+        self._send(ops, [table] + ([text] if text is not None else []))
 
     def recv_table(self) -> torch.Tensor:
         assert self.prev is not None
@@ -161,22 +176,13 @@ class StageChannels:
 
     # data plane
     def send_activations(self, x: torch.Tensor) -> None:
-        self._post([dist.P2POp(dist.isend, x, self.next, self.groups.to_next)], [x])
+        self._send([dist.P2POp(dist.isend, x, self.next, self.groups.to_next)], [x])
 
     def recv_activations(self, buf: torch.Tensor) -> dist.Work:
-        return self._post([dist.P2POp(dist.irecv, buf, self.prev, self.groups.from_prev)], [buf])[0]
+        return self._recv(dist.P2POp(dist.irecv, buf, self.prev, self.groups.from_prev))
 
     def send_results(self, r: torch.Tensor) -> None:
-        self._post([dist.P2POp(dist.isend, r, self.first, self.groups.results)], [r])
+        self._send([dist.P2POp(dist.isend, r, self.first, self.groups.results)], [r])
 
     def recv_results(self, buf: torch.Tensor) -> dist.Work:
-        return self._post([dist.P2POp(dist.irecv, buf, self.last, self.groups.results)], [buf])[0]
-
-    def _reap(self) -> None:
-        self._pending = [(w, b) for w, b in self._pending if not all(x.is_completed() for x in w)]
-
-    def flush(self) -> None:
-        for works, _ in self._pending:
-            for w in works:
-                w.wait()
-        self._pending.clear()
+        return self._recv(dist.P2POp(dist.irecv, buf, self.last, self.groups.results))

@@ -1,6 +1,7 @@
 """Run any valid pipeline schedule on this rank: its actions, in order, on the local stages.
 
-Communication is derived from the actions and the stage -> rank map, never written per schedule:
+Communication is derived from the actions and the schedule's stage -> rank map, never written per
+schedule:
 
 - ``F(m, s)`` takes micro-batch m's tokens (s = 0) or the activations of ``F(m, s-1)``: handed
   over in memory when stage s-1 is on this rank, otherwise received from its rank. Its output
@@ -12,35 +13,67 @@ Communication is derived from the actions and the stage -> rank map, never writt
   with the Linear layers' weight-gradient matmuls postponed (`pp_runtime.weight_grad`), hands the
   input gradient on, and ``W`` does those matmuls. Nothing is computed twice.
 
-Sends are asynchronous; a receive happens exactly when an action needs the data. Messages from
-one peer arrive in the order that peer sent them, which need not be the order this rank wants
-them (with 2 ranks and interleaving, rank 1 sends both activations and gradients to rank 0), so a
-message that arrives early is kept until its action runs. Any schedule that passes
-`pp_runtime.simulator.validate` (each rank's order respects the dependencies) and has no
-cross-rank cycle runs without deadlock.
+Every message is a batched P2P op on the group of its directed edge and lane
+(`pp_runtime.comm.EdgeLinks`): activations from rank i to rank j on one group, gradients from j
+back to i on another, so with interleaved or V placements, where two ranks exchange both in both
+directions, no receive waits behind an unrelated send. Both sides know every message's shape
+(rows of a micro-batch x model dim, in the model dtype) and the order the sender sends each
+lane's messages in (its action list), so no header travels: the receiver posts its receives in
+that order, ahead of need (`RECV_AHEAD`), into buffers an action waits on when it starts. A
+message that arrives before it is needed (a sender's order need not be the receiver's) waits in
+its buffer. Any schedule that passes `pp_runtime.simulator.validate` (each rank's order respects
+the dependencies) and has no cross-rank cycle runs without deadlock.
 
 Every action's (start, end) is recorded: start is when its input is available (waiting for a
 peer shows as a gap, like the bubble in the simulator's picture), end is when its compute is done.
 On GPU these are CUDA events on the compute stream, read once at the end of the step (no
-synchronisation per action), mapped to host seconds from an event recorded when `run` starts
-(the trainer starts each step with an idle GPU). The same data draws the timeline picture.
+synchronisation per action: waiting for a receive makes the stream wait, not the host), mapped
+to host seconds from an event recorded when `run` starts (the trainer starts each step with an
+idle GPU). The same data draws the timeline picture.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from pp_runtime.attention_meta import AttentionMeta
-from pp_runtime.comm import KIND_DATA, PeerLink
+from pp_runtime.comm import ACT, GRAD, Edge, EdgeLinks
 from pp_runtime.model import StageModule
 from pp_runtime.schedules import BACKWARD, FORWARD, WEIGHT, Action, Schedule
 from pp_runtime.weight_grad import WeightGradQueue, enable_split_backward
 
-_ACT, _GRAD = 0, 1  # message tags: activations for a forward, gradients for a backward
+RECV_AHEAD = 2  # actions needing remote data whose receives are posted from the current action on
+
+Message = tuple[str, int, int]  # (lane, micro-batch, stage of the action that consumes it)
+Channel = tuple[int, str]  # (source pipeline rank, lane)
+
+
+def pipeline_edges(schedule: Schedule) -> set[Edge]:
+    """The directed edges (source rank, destination rank, lane) a schedule's traffic crosses."""
+    edges = set()
+    for s in range(schedule.n_stages - 1):
+        a, b = schedule.rank_of(s), schedule.rank_of(s + 1)
+        if a != b:
+            edges |= {(a, b, ACT), (b, a, GRAD)}
+    return edges
+
+
+def _outbound(schedule: Schedule, rank: int) -> list[tuple[int, Message]]:
+    """(destination rank, message) of every tensor `rank` sends, in the order it sends them."""
+    out = []
+    for a in schedule.actions[rank]:
+        m, s = a.microbatch, a.stage
+        if a.kind == FORWARD and s + 1 < schedule.n_stages and schedule.rank_of(s + 1) != rank:
+            out.append((schedule.rank_of(s + 1), (ACT, m, s + 1)))
+        elif a.kind == BACKWARD and s > 0 and schedule.rank_of(s - 1) != rank:
+            out.append((schedule.rank_of(s - 1), (GRAD, m, s - 1)))
+    return out
 
 
 @dataclass
@@ -67,8 +100,8 @@ class StepRecord:
 class PipelineExecutor:
     """Interprets the actions of `schedule` for pipeline rank `pp_rank`.
 
-    `stages` maps global stage index -> local StageModule (stage s lives on rank s % n_ranks);
-    `peers[r]` is the global rank of pipeline rank r (for `PeerLink`, which addresses global ranks).
+    `stages` maps global stage index -> local StageModule (the stages the schedule puts on this
+    rank); `peers[r]` is the global rank of pipeline rank r (`links` addresses global ranks).
     """
 
     def __init__(
@@ -77,11 +110,11 @@ class PipelineExecutor:
         pp_rank: int,
         stages: Mapping[int, StageModule],
         peers: Sequence[int],
-        link: Optional[PeerLink],
+        links: Optional[EdgeLinks],
         device: torch.device,
     ) -> None:
         self.schedule, self.pp_rank, self.stages = schedule, pp_rank, dict(stages)
-        self.peers, self.link, self.device = list(peers), link, device
+        self.peers, self.links, self.device = list(peers), links, device
         self.cuda_timing = device.type == "cuda"
         self.n_stages = schedule.n_stages
         self.actions = schedule.actions[pp_rank]
@@ -90,53 +123,73 @@ class PipelineExecutor:
             raise ValueError(f"rank {pp_rank} holds stages {sorted(self.stages)} but the schedule puts {sorted(mine)} on it")
         if len(self.peers) != schedule.n_ranks:
             raise ValueError(f"{len(self.peers)} peer ranks for a schedule of {schedule.n_ranks} ranks")
-        if schedule.n_ranks > 1 and link is None:
-            raise ValueError("a schedule over several ranks needs a PeerLink")
+        if schedule.n_ranks > 1 and links is None:
+            raise ValueError("a schedule over several ranks needs EdgeLinks")
+        module = next(iter(self.stages.values()))
+        self.dim, self.dtype = module.args.dim, next(module.parameters()).dtype  # every message is [rows, dim]
         self._split = {(a.microbatch, a.stage) for row in schedule.actions for a in row if a.kind == WEIGHT}
         # found once here, not on every B of the step
         self._split_linears = {s: enable_split_backward(self.stages[s]) for s in {s for _, s in self._split} & mine}
+        self._plan_receives()
 
     # ------------------------------------------------------------------------------ messaging
-    def _rank_of(self, stage: int) -> int:
-        return stage % self.schedule.n_ranks
+    def _plan_receives(self) -> None:
+        """What each peer sends this rank, per lane, in sending order; which action needs which."""
+        sched, me = self.schedule, self.pp_rank
+        self._inbound: dict[Channel, list[Message]] = {}
+        for src in range(sched.n_ranks):
+            for dst, msg in _outbound(sched, src):
+                if dst == me:
+                    self._inbound.setdefault((src, msg[0]), []).append(msg)
+        where = {msg: (channel, i) for channel, msgs in self._inbound.items() for i, msg in enumerate(msgs)}
+        self._needs: dict[int, tuple[Channel, int]] = {}  # action index -> (channel, position on it)
+        for i, a in enumerate(self.actions):
+            msg = (ACT, a.microbatch, a.stage) if a.kind == FORWARD else (GRAD, a.microbatch, a.stage)
+            if a.kind != WEIGHT and msg in where:
+                self._needs[i] = where[msg]
+        self._remote_steps = sorted(self._needs)
 
-    def _tag(self, kind: int, mb: int, stage: int) -> int:
-        return (mb * self.n_stages + stage) * 2 + kind
-
-    def _send(self, kind: int, mb: int, to_stage: int, tensor: torch.Tensor) -> None:
+    def _send(self, lane: str, mb: int, to_stage: int, tensor: torch.Tensor) -> None:
         """Hand `tensor` to `to_stage`'s action: in memory when local, else an async send."""
-        rank = self._rank_of(to_stage)
-        key = (kind, mb, to_stage)
+        rank = self.schedule.rank_of(to_stage)
         if rank == self.pp_rank:
-            self._local[key] = tensor
+            self._local[(lane, mb, to_stage)] = tensor
         else:
-            assert self.link is not None
-            self.link.send(self.peers[rank], KIND_DATA, [tensor], tag=self._tag(kind, mb, to_stage))
+            assert self.links is not None
+            self.links.send(tensor.contiguous(), self.peers[rank], lane)
 
-    def _take(self, kind: int, mb: int, stage: int, from_stage: int) -> torch.Tensor:
-        """The tensor addressed to (kind, mb, stage), receiving from its peer until it has arrived."""
-        key = (kind, mb, stage)
-        rank = self._rank_of(from_stage)
-        if rank == self.pp_rank:
+    def _post_receives(self, step: int, microbatches: Sequence[MicroBatch]) -> None:
+        """Post the receives of the next RECV_AHEAD actions from `step` on that need remote data
+        (and, to keep each lane in sending order, of the messages sent before them)."""
+        first = bisect.bisect_left(self._remote_steps, step)
+        for i in self._remote_steps[first:first + RECV_AHEAD]:
+            channel, position = self._needs[i]
+            src, lane = channel
+            while self._posted[channel] <= position:
+                msg = self._inbound[channel][self._posted[channel]]
+                rows = microbatches[msg[1]].tokens.shape[0]
+                buf = torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
+                assert self.links is not None
+                self._arrived[msg] = (buf, self.links.recv(buf, self.peers[src], lane))
+                self._posted[channel] += 1
+
+    def _take(self, lane: str, mb: int, stage: int) -> torch.Tensor:
+        """The tensor addressed to (lane, mb, stage): from memory, or its receive once complete."""
+        key = (lane, mb, stage)
+        if key in self._local:
             return self._local.pop(key)
-        peer = self.peers[rank]
-        box = self._inbox.setdefault(peer, {})
-        want = self._tag(kind, mb, stage)
-        while want not in box:
-            assert self.link is not None
-            msg = self.link.recv(peer)
-            if msg.kind != KIND_DATA:
-                raise RuntimeError(f"pipeline rank {self.pp_rank}: unexpected message kind {msg.kind} from rank {peer}")
-            box[msg.tag] = msg.tensors[0]
-        return box.pop(want)
+        buf, work = self._arrived.pop(key)
+        work.wait()
+        return buf
 
     # ------------------------------------------------------------------------------ actions
     def run(self, microbatches: Sequence[MicroBatch], loss_fn: LossFn) -> StepRecord:
         """Run this rank's actions for one step; parameter gradients accumulate in `.grad`."""
         if len(microbatches) != self.schedule.n_microbatches:
             raise ValueError(f"{len(microbatches)} micro-batches for a schedule of {self.schedule.n_microbatches}")
-        self._local: dict[tuple[int, int, int], torch.Tensor] = {}
-        self._inbox: dict[int, dict[int, torch.Tensor]] = {}
+        self._local: dict[Message, torch.Tensor] = {}
+        self._posted = {channel: 0 for channel in self._inbound}
+        self._arrived: dict[Message, tuple[torch.Tensor, dist.Work]] = {}
         self._inputs: dict[tuple[int, int], torch.Tensor] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._out_grads: dict[tuple[int, int], Optional[torch.Tensor]] = {}
@@ -145,8 +198,9 @@ class PipelineExecutor:
         record = StepRecord(loss_sum=loss_sum)
         events: list[tuple[Action, torch.cuda.Event, torch.cuda.Event]] = []
         base_time, base = time.perf_counter(), self._mark()
-        for action in self.actions:
+        for step, action in enumerate(self.actions):
             m, s = action.microbatch, action.stage
+            self._post_receives(step, microbatches)
             if action.kind == FORWARD:
                 self._forward_input(m, s, microbatches[m])
                 start = self._mark()
@@ -157,7 +211,7 @@ class PipelineExecutor:
                     self._outputs[(m, s)] = loss
                 else:
                     self._outputs[(m, s)] = out
-                    self._send(_ACT, m, s + 1, out.detach())
+                    self._send(ACT, m, s + 1, out.detach())
             elif action.kind == BACKWARD:
                 self._backward_input(m, s)
                 start = self._mark()
@@ -170,8 +224,8 @@ class PipelineExecutor:
                 events.append((action, start, end))
             else:
                 record.timings.append((action, start, end))
-        if self.link is not None:
-            self.link.flush()
+        if self.links is not None:
+            self.links.flush()
         if events:
             torch.cuda.synchronize(self.device)
             record.timings = [(a, base_time + base.elapsed_time(st) / 1e3, base_time + base.elapsed_time(en) / 1e3)
@@ -197,7 +251,7 @@ class PipelineExecutor:
         if s == 0:
             x = mb.tokens
         else:
-            x = self._take(_ACT, m, s, s - 1).detach().requires_grad_(True)
+            x = self._take(ACT, m, s).detach().requires_grad_(True)
         self._inputs[(m, s)] = x
 
     def _forward(self, m: int, s: int, mb: MicroBatch) -> torch.Tensor:
@@ -205,7 +259,7 @@ class PipelineExecutor:
 
     def _backward_input(self, m: int, s: int) -> None:
         if s < self.n_stages - 1:
-            self._out_grads[(m, s)] = self._take(_GRAD, m, s, s + 1)
+            self._out_grads[(m, s)] = self._take(GRAD, m, s)
         else:
             self._out_grads[(m, s)] = None
 
@@ -221,7 +275,7 @@ class PipelineExecutor:
             self._weight_grads[(m, s)] = queue
         if s > 0:
             assert inp.grad is not None, f"stage {s} input received no gradient"
-            self._send(_GRAD, m, s - 1, inp.grad)
+            self._send(GRAD, m, s - 1, inp.grad)
 
     def _weight_grad(self, m: int, s: int) -> None:
         self._weight_grads.pop((m, s)).apply()

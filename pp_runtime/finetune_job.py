@@ -228,7 +228,8 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     tcfg = train_config(cfg)
     check_batch_shape(tcfg.batch_size, ctx.dp_size, schedule.n_microbatches)
     plan = plan_for(args, ctx.pp_size, virtual_stages=schedule.virtual_stages,
-                    split=split_from_config(cfg.pipeline.get("split")), training=True)
+                    split=split_from_config(cfg.pipeline.get("split")), training=True,
+                    stage_ranks=schedule.stage_ranks)
     data = load_data(cfg, tokenizer, source)
     validate_token_ids(data, args.vocab_size, str(tokenizer.path))
     out_dir = resolve_path(cfg.out_dir)
@@ -297,7 +298,7 @@ def _draw_timeline(job: Job, stats: StepStats, path: Path) -> None:
         from pp_runtime.timeline import draw_timeline
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        draw_timeline(rows, path, title=f"{job.schedule.name}, step {stats.step} (measured)")
+        draw_timeline(rows, path, title=f"{job.schedule.name}, step {stats.step} (measured)", schedule=job.schedule)
         print(f"timeline of step {stats.step} written to {path}", flush=True)
 
 

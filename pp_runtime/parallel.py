@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from pp_runtime import errors, liveness
+from pp_runtime import comm, errors, liveness
 from pp_runtime.errors import ConfigError, PPRuntimeError
 
 T = TypeVar("T")
@@ -106,18 +106,27 @@ def init_parallel(stages: Optional[int] = None, data_parallel: int = 1, device: 
     )
 
 
-_PIPE_GROUPS: dict[tuple[int, int], Any] = {}  # (dp, pp) -> this rank's PipeGroups, until shutdown
+_PIPE_GROUPS: dict[tuple[int, int], comm.PipeGroups] = {}  # (dp, pp) -> this rank's PipeGroups, until shutdown
 
 
-def pipe_groups(ctx: ParallelContext):
+def replica_ranks(ctx: ParallelContext) -> list[list[int]]:
+    """Global ranks of every replica's pipeline, in stage order."""
+    return [[d * ctx.pp_size + i for i in range(ctx.pp_size)] for d in range(ctx.dp_size)]
+
+
+def edge_groups(ctx: ParallelContext, edges: Iterable[comm.Edge]) -> dict[comm.Edge, dist.ProcessGroup]:
+    """The groups of the directed pipeline edges `edges` ((source, destination, lane) in pipeline
+    ranks) of every replica, keyed by global ranks (pp_runtime.comm.edge_groups); collective the
+    first time an edge is asked for."""
+    return comm.edge_groups(replica_ranks(ctx), edges)
+
+
+def pipe_groups(ctx: ParallelContext) -> comm.PipeGroups:
     """The generation pipeline's groups (pp_runtime.comm.PipeGroups), made once per process group
     layout; collective the first time (every rank of the world calls it at the same point)."""
     key = (ctx.dp_size, ctx.pp_size)
     if key not in _PIPE_GROUPS:
-        from pp_runtime.comm import make_pipe_groups
-
-        replicas = [[d * ctx.pp_size + i for i in range(ctx.pp_size)] for d in range(ctx.dp_size)]
-        _PIPE_GROUPS[key] = make_pipe_groups(replicas, ctx.rank)
+        _PIPE_GROUPS[key] = comm.make_pipe_groups(replica_ranks(ctx), ctx.rank)
     return _PIPE_GROUPS[key]
 
 
@@ -127,6 +136,7 @@ def shutdown() -> None:
     The barrier matters: a gloo rank that destroys its group while a peer is still finishing its
     last collective can abort the process ("terminate called without an active exception")."""
     _PIPE_GROUPS.clear()
+    comm.forget_groups()
     if dist.is_initialized():
         dist.barrier()
         liveness.stop()

@@ -46,6 +46,10 @@ class StagePlan:
     def split(self) -> list[int]:
         return [s.last - s.first for s in self.stages]
 
+    def rank_cost(self, rank: int) -> float:
+        """What one rank computes per micro-batch: the sum of its stages' costs."""
+        return sum(s.cost for s in self.for_rank(rank))
+
     def describe(self) -> str:
         lines = []
         total = sum(s.cost for s in self.stages) or 1.0
@@ -53,6 +57,9 @@ class StagePlan:
             parts = (["embedding"] if s.has_embedding else []) + [f"layers {s.first}-{s.last - 1}" if s.last > s.first else "no layers"]
             parts += ["norm+head"] if s.has_head else []
             lines.append(f"  stage {s.index} (rank {s.rank}): {', '.join(parts)}  [cost {100 * s.cost / total:.1f}%]")
+        if self.virtual_stages > 1:
+            loads = ", ".join(f"{100 * self.rank_cost(r) / total:.1f}%" for r in range(self.n_ranks))
+            lines.append(f"  per rank: {loads}")
         return "\n".join(lines)
 
 
@@ -94,11 +101,15 @@ def partition(
     n_ranks: int,
     virtual_stages: int = 1,
     split: Optional[Sequence[int]] = None,
+    stage_ranks: Optional[Sequence[int]] = None,
 ) -> StagePlan:
-    """Split the blocks into `n_ranks * virtual_stages` contiguous stages minimising the slowest one.
+    """Split the blocks into `n_ranks * virtual_stages` contiguous stages minimising the slowest
+    one, then, among such splits, the busiest rank (a rank runs all its stages per micro-batch).
 
-    Stage s lives on rank s % n_ranks (the interleaved layout; with one virtual stage it is rank s).
-    The embedding goes with the first stage and the norm+head with the last.
+    Stage s lives on rank stage_ranks[s] (the schedule's map; default s % n_ranks, the interleaved
+    layout). The embedding goes with the first stage and the norm+head with the last: in the V
+    layout both are on rank 0, so the blocks move off rank 0's stages until the ranks are balanced
+    as far as whole blocks allow.
     """
     n_layers = len(costs.blocks)
     if n_ranks < 1:
@@ -106,6 +117,9 @@ def partition(
     if virtual_stages < 1:
         raise ConfigError(f"virtual_stages={virtual_stages}: need at least 1 per rank")
     n_stages = n_ranks * virtual_stages
+    ranks = list(stage_ranks) if stage_ranks is not None else [s % n_ranks for s in range(n_stages)]
+    if len(ranks) != n_stages:
+        raise ConfigError(f"{len(ranks)} stage ranks for {n_stages} stages ({n_ranks} ranks x {virtual_stages} virtual)")
     if split is not None:
         split = [int(x) for x in split]
         if len(split) != n_stages:
@@ -132,10 +146,12 @@ def partition(
                 f"use at most {n_layers} stages (fewer GPUs, fewer virtual stages, or pipeline.data_parallel)"
             )
         bounds = _min_max_split(costs, n_stages)
+        if virtual_stages > 1:  # with one stage per rank the slowest stage is the busiest rank
+            bounds = _balance_ranks(costs, bounds, ranks, n_ranks)
     stages = tuple(
         StageSpec(
             index=s,
-            rank=s % n_ranks,
+            rank=ranks[s],
             first=bounds[s],
             last=bounds[s + 1],
             has_embedding=s == 0,
@@ -145,6 +161,33 @@ def partition(
         for s in range(n_stages)
     )
     return StagePlan(stages=stages, n_ranks=n_ranks)
+
+
+def _balance_ranks(costs: LayerCosts, bounds: list[int], ranks: Sequence[int], n_ranks: int) -> list[int]:
+    """Move stage boundaries one block at a time while that lowers the busiest rank's load (then
+    the next busiest, ...) without making the slowest stage slower; each stage keeps a block."""
+    last = len(bounds) - 2
+
+    def score(b: list[int]) -> tuple[float, list[float]]:
+        stage = [_stage_cost(costs, b[s], b[s + 1], s == 0, s == last) for s in range(last + 1)]
+        loads = [0.0] * n_ranks
+        for s, c in enumerate(stage):
+            loads[ranks[s]] += c
+        return max(stage), sorted(loads, reverse=True)
+
+    slowest, best = score(bounds)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, last + 1):
+            for step in (-1, 1):
+                moved = bounds[:i] + [bounds[i] + step] + bounds[i + 1:]
+                if not moved[i - 1] < moved[i] < moved[i + 1]:
+                    continue
+                top, loads = score(moved)
+                if top <= slowest + 1e-9 and loads < best:
+                    bounds, best, improved = moved, loads, True
+    return bounds
 
 
 def _min_max_split(costs: LayerCosts, n_stages: int) -> list[int]:
@@ -183,5 +226,6 @@ def plan_for(
     virtual_stages: int = 1,
     split: Optional[Sequence[int]] = None,
     training: bool = False,
+    stage_ranks: Optional[Sequence[int]] = None,
 ) -> StagePlan:
-    return partition(model_costs(args, training=training), n_ranks, virtual_stages, split)
+    return partition(model_costs(args, training=training), n_ranks, virtual_stages, split, stage_ranks)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Sequence, Union
 
 from pp_runtime.errors import ConfigError
-from pp_runtime.schedules import BACKWARD, FORWARD, WEIGHT, Action, Schedule
+from pp_runtime.schedules import BACKWARD, FORWARD, WEIGHT, Action, Schedule, dependencies
 
 Timed = tuple[Action, float, float]
 Timings = Sequence[Sequence[Timed]]
@@ -64,17 +64,6 @@ def _listed(items: Sequence[str]) -> str:
     return ", ".join(items[:_MAX_LISTED]) + (f" (and {more} more)" if more > 0 else "")
 
 
-def dependencies(action: Action, n_stages: int, split_backward: bool = False) -> tuple[Action, ...]:
-    """Actions that must finish before `action` may start."""
-    m, s = action.microbatch, action.stage
-    if action.kind == FORWARD:
-        return (Action(FORWARD, m, s - 1),) if s > 0 else ()
-    if action.kind == BACKWARD:
-        upstream = (Action(BACKWARD, m, s + 1),) if s < n_stages - 1 else ()
-        return (Action(FORWARD, m, s),) + upstream
-    return (Action(BACKWARD, m, s),)
-
-
 def _positions(schedule: Schedule) -> dict[Action, Position]:
     """Map each action to (rank, step); rejects out-of-range, misplaced and duplicate actions."""
     pos: dict[Action, Position] = {}
@@ -105,7 +94,7 @@ def _placement_problem(schedule: Schedule, a: Action, rank: int) -> str:
         return f"stage {a.stage} out of range ({schedule.n_stages} stages = {shape})"
     if schedule.rank_of(a.stage) != rank:
         home = schedule.rank_of(a.stage)
-        return f"stage {a.stage} lives on rank {home} (stage s runs on rank s % {schedule.n_ranks}); move it there"
+        return f"stage {a.stage} lives on rank {home} (schedule.stage_ranks); move it there"
     return ""
 
 
@@ -125,10 +114,10 @@ def _check_complete(schedule: Schedule, pos: dict[Action, Position]) -> None:
         )
 
 
-def _check_same_rank_order(schedule: Schedule, pos: dict[Action, Position], split: Split) -> None:
+def _check_same_rank_order(schedule: Schedule, pos: dict[Action, Position]) -> None:
     """A dependency on the same rank must come earlier in that rank's list."""
     for a, (r, i) in pos.items():
-        for d in dependencies(a, schedule.n_stages, (a.microbatch, a.stage) in split):
+        for d in dependencies(a, schedule.n_stages):
             dr, di = pos[d]
             if dr == r and di > i:
                 raise ScheduleError(
@@ -141,7 +130,7 @@ def validate(schedule: Schedule) -> dict[Action, Position]:
     """Check placement, duplicates, completeness and same-rank order; return action positions."""
     pos = _positions(schedule)
     _check_complete(schedule, pos)
-    _check_same_rank_order(schedule, pos, _split_backwards(pos))
+    _check_same_rank_order(schedule, pos)
     return pos
 
 
@@ -170,15 +159,13 @@ def _duration(a: Action, split: bool, n_stages: int, cost_f: Cost, cost_b: Cost,
     return full_b - w if split else full_b
 
 
-def _deadlock_message(
-    schedule: Schedule, ptr: list[int], done: dict[Action, float], pos: dict[Action, Position], split: Split
-) -> str:
+def _deadlock_message(schedule: Schedule, ptr: list[int], done: dict[Action, float], pos: dict[Action, Position]) -> str:
     """Name the cycle of ranks waiting on each other, with steps and actions."""
     waits: dict[int, tuple[int, Action, Action]] = {}
     for r, acts in enumerate(schedule.actions):
         if ptr[r] < len(acts):
             a = acts[ptr[r]]
-            dep = next(d for d in dependencies(a, schedule.n_stages, (a.microbatch, a.stage) in split) if d not in done)
+            dep = next(d for d in dependencies(a, schedule.n_stages) if d not in done)
             waits[r] = (ptr[r], a, dep)
     chain: list[int] = []
     r = min(waits)
@@ -210,7 +197,7 @@ def simulate(
     pos = validate(schedule)
     split = _split_backwards(pos)
     n_stages = schedule.n_stages
-    deps = {a: dependencies(a, n_stages, (a.microbatch, a.stage) in split) for a in pos}
+    deps = {a: dependencies(a, n_stages) for a in pos}
     done: dict[Action, float] = {}
     timings: list[list[Timed]] = [[] for _ in range(schedule.n_ranks)]
     ptr = [0] * schedule.n_ranks
@@ -228,7 +215,7 @@ def simulate(
                 ptr[r] += 1
                 progressed = True
         if not progressed:
-            raise ScheduleError(_deadlock_message(schedule, ptr, done, pos, split))
+            raise ScheduleError(_deadlock_message(schedule, ptr, done, pos))
     return _result(schedule, timings, split)
 
 

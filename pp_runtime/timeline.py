@@ -5,6 +5,7 @@ per-rank list of (Action, start, end). CLI::
 
     python -m pp_runtime.timeline --schedule 1f1b --ranks 4 --microbatches 8 --out timeline.png
     python -m pp_runtime.timeline --schedule interleaved --ranks 4 --microbatches 8 --virtual 2
+    python -m pp_runtime.timeline --schedule zb-v --ranks 4 --microbatches 8
     python -m pp_runtime.timeline --file my_schedule.json --out mine.png
 
 It prints the bubble fraction and peak activations and exits non-zero on an invalid schedule.
@@ -44,10 +45,9 @@ def _lighten(hex_colour: str, amount: float) -> tuple[float, float, float]:
     return tuple(c + (1 - c) * amount for c in rgb)  # type: ignore[return-value]
 
 
-def _box_colour(action: Action, n_ranks: int, virtual_stages: int) -> tuple[tuple[float, float, float], str]:
+def _box_colour(action: Action, chunk: int, virtual_stages: int) -> tuple[tuple[float, float, float], str]:
     """Face colour by kind, lighter for later chunks; text colour readable on it."""
     base, text = _COLOURS[action.kind]
-    chunk = action.stage // n_ranks
     amount = 0.55 * chunk / max(1, virtual_stages - 1)
     return _lighten(base, amount), (text if amount < 0.3 else "black")
 
@@ -57,15 +57,25 @@ def draw_timeline(
     path: Union[str, Path],
     title: str = "",
     xlabel: str = "time",
+    schedule: Optional[Schedule] = None,
 ) -> Path:
-    """Write a PNG Gantt chart of per-rank (Action, start, end) timings; returns the path."""
+    """Write a PNG Gantt chart of per-rank (Action, start, end) timings; returns the path.
+
+    `schedule` (taken from a SimResult when not given) says which of its rank's stages an action's
+    stage is, for the shading; without one, stage s is taken as chunk s // ranks."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     rows = _as_rows(timings)
     n_ranks = len(rows)
-    virtual = 1 + max(a.stage for row in rows for a, _, _ in row) // n_ranks
+    if schedule is None and isinstance(timings, SimResult):
+        schedule = timings.schedule
+    virtual = schedule.virtual_stages if schedule else 1 + max(a.stage for row in rows for a, _, _ in row) // n_ranks
+
+    def chunk(rank: int, stage: int) -> int:
+        return schedule.stages_of(rank).index(stage) if schedule else stage // n_ranks
+
     makespan = max(e for row in rows for _, _, e in row) or 1.0
     most = max(len(row) for row in rows)
     width_in = min(40.0, max(8.0, 0.28 * most))
@@ -75,7 +85,7 @@ def draw_timeline(
     points_per_unit = 0.85 * width_in * 72 / makespan
     for r, row in enumerate(rows):
         for a, start, end in row:
-            face, text = _box_colour(a, n_ranks, virtual)
+            face, text = _box_colour(a, chunk(r, a.stage), virtual)
             ax.broken_barh([(start, end - start)], (r - 0.4, 0.8), facecolors=[face], edgecolors="black", linewidth=0.4)
             if (end - start) * points_per_unit >= _MIN_LABEL_PT:
                 ax.text((start + end) / 2, r, str(a.microbatch), ha="center", va="center", fontsize=7, color=text)
@@ -105,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--file", type=Path, help="JSON schedule file to validate and draw")
     p.add_argument("--ranks", type=int, help="pipeline ranks (with --schedule)")
     p.add_argument("--microbatches", type=int, help="micro-batches per step (with --schedule)")
-    p.add_argument("--virtual", type=int, default=None, help="virtual stages per rank (interleaved; default 2)")
+    p.add_argument("--virtual", type=int, default=None, help="virtual stages per rank (interleaved, interleaved-zb; default 2; zb-v: 2)")
     p.add_argument("--cost-f", type=float, default=1.0,
                    help="forward time of one micro-batch through one rank's layers (split evenly over its virtual stages)")
     p.add_argument("--cost-b", type=float, default=2.0, help="backward time, same convention as --cost-f")
@@ -130,7 +140,8 @@ def _schedule_from_args(args: argparse.Namespace) -> Schedule:
         return load_schedule(args.file)
     if args.ranks is None or args.microbatches is None:
         raise ConfigError("--schedule needs --ranks and --microbatches, e.g. --schedule 1f1b --ranks 4 --microbatches 8")
-    virtual = args.virtual if args.virtual is not None else (2 if args.schedule == "interleaved" else 1)
+    two_per_rank = ("interleaved", "interleaved-zb", "zb-v")
+    virtual = args.virtual if args.virtual is not None else (2 if args.schedule in two_per_rank else 1)
     return build_schedule(args.schedule, args.ranks, args.microbatches, virtual)
 
 

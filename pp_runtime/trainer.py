@@ -9,7 +9,13 @@ without communicating, and scales its micro-batch losses by it before the backwa
 2. the global gradient norm over all stages is the square root of the all-reduced sum of the
    stages' squared norms (`pp_group`); as the replicas hold equal gradients it is the same
    everywhere, and gradients are clipped by it;
-3. AdamW (decay on matrices only) with linear warmup and cosine decay of the learning rate.
+3. AdamW (decay on matrices only) with linear warmup and cosine decay of the learning rate;
+   fused into one kernel per step on GPU.
+
+Each step's time is split into phases (building the micro-batches, the schedule, the gradient
+reduction, clipping, the optimizer, the loss bookkeeping), reported next to the step time in
+the console line and metrics.jsonl (`schedule_s`, `optimizer_s`, ...): what a pipeline schedule
+cannot hide shows outside `schedule_s`.
 
 With a bfloat16/float16 model the optimizer keeps float32 master weights (gradients are
 accumulated in the model dtype, then copied to float32 for clipping and the update).
@@ -30,13 +36,14 @@ import torch.nn.functional as F
 
 from pp_runtime.args import ModelArgs
 from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.comm import PeerLink
+from pp_runtime.comm import EdgeLinks
 from pp_runtime.errors import TrainingError
-from pp_runtime.executor import MicroBatch, PipelineExecutor
+from pp_runtime.executor import MicroBatch, PipelineExecutor, pipeline_edges
 from pp_runtime.model import StageModule
 from pp_runtime.moe import ExpertLoad, expert_token_counts
-from pp_runtime.parallel import ParallelContext
+from pp_runtime.parallel import ParallelContext, edge_groups
 from pp_runtime.schedules import Schedule
+from pp_runtime.step_timer import PhaseTimer
 from pp_runtime.train_data import IGNORE, Batch, PackedDataset, check_batch_shape
 
 PEAK_FLOPS_H200_BF16 = 787e12  # measured bf16 matmul 8192^3 on H200 (DESIGN.md)
@@ -108,11 +115,13 @@ class StepStats:
     skipped_nonfinite: int = 0  # steps skipped so far for a non-finite loss or gradient norm (this run)
     timings: list = field(default_factory=list, repr=False)  # this rank's (Action, start, end)
     expert_load: Optional[ExpertLoad] = None  # MoE: tokens per expert per layer in the step
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the step (rank 0's)
 
     def to_json(self) -> dict:
         return {
             "step": self.step, "loss": _json_number(self.loss), "lr": self.lr, "grad_norm": _json_number(self.grad_norm),
             "tokens": self.tokens, "valid_tokens": self.valid_tokens, "step_time_s": round(self.step_time_s, 6),
+            **{f"{phase}_s": round(t, 6) for phase, t in self.phases.items()},
             "tokens_per_s": round(self.tokens_per_s, 2), "mfu": None if self.mfu is None else round(self.mfu, 5),
             "epoch": round(self.epoch, 5), "skipped_nonfinite": self.skipped_nonfinite, "time": time.time(),
             **({"expert_tokens": self.expert_load.to_json()} if self.expert_load is not None else {}),
@@ -122,8 +131,12 @@ class StepStats:
         mfu = f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""
         experts = f" | {self.expert_load.line()}" if self.expert_load is not None else ""
         mfu += f" | {self.skipped_nonfinite} non-finite step(s) skipped" if self.skipped_nonfinite else ""
+        schedule = self.phases.get("schedule", 0.0)
+        optimizer = self.phases.get("optimizer", 0.0)
+        split = (f" (schedule {schedule:.3f}s, optimizer {optimizer:.3f}s, other {self.step_time_s - schedule - optimizer:.3f}s)"
+                 if self.phases else "")
         return (f"step {self.step}/{total_steps} | loss {self.loss:.4f} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.4f} | "
-                f"{self.tokens_per_s:,.0f} tok/s{mfu} | {self.step_time_s:.3f}s{experts}")
+                f"{self.tokens_per_s:,.0f} tok/s{mfu} | {self.step_time_s:.3f}s{split}{experts}")
 
 
 def _json_number(x: float) -> Optional[float]:
@@ -169,10 +182,12 @@ class Trainer:
             self.opt_params = [(n, torch.nn.Parameter(p.detach().float().clone())) for n, p in self.named_params]
         else:
             self.opt_params = self.named_params
+        self.fused = ctx.device.type == "cuda"  # one kernel for the whole update instead of several per tensor
         self.optimizer = torch.optim.AdamW(param_groups(self.opt_params, cfg.weight_decay), lr=cfg.lr,
-                                           betas=tuple(cfg.betas), eps=cfg.eps)
-        link = PeerLink(ctx.device, ctx.pp_group) if ctx.pp_size > 1 else None
-        self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, link, ctx.device)
+                                           betas=tuple(cfg.betas), eps=cfg.eps, fused=self.fused or None)
+        self.timer = PhaseTimer(ctx.device)
+        links = EdgeLinks(ctx.rank, edge_groups(ctx, pipeline_edges(schedule))) if ctx.pp_size > 1 else None
+        self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, links, ctx.device)
         self.flops_per_token = flops_per_token(args, data.seq_len)
 
     # ------------------------------------------------------------------------------ batches
@@ -198,9 +213,11 @@ class Trainer:
     # ------------------------------------------------------------------------------ the step
     def step(self) -> StepStats:
         ctx, cfg = self.ctx, self.cfg
+        timer = self.timer
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         t0 = time.perf_counter()
+        timer.start()
         batch = self.step_batch(self.position)
         n_valid = batch.n_valid  # over the whole step: every replica, every micro-batch
         scale = 1.0 / max(n_valid, 1)
@@ -211,14 +228,20 @@ class Trainer:
 
         for _, p in self.named_params:
             p.grad = None
-        record = self.executor.run(self.microbatches(batch), loss_fn)
+        microbatches = self.microbatches(batch)
+        timer.mark("data")
+        record = self.executor.run(microbatches, loss_fn)
+        timer.mark("schedule")
         self._reduce_gradients()
+        timer.mark("grad_reduce")
         grad_norm = self._clip()
+        timer.mark("clip")
         loss_sum = record.loss_sum.clone()
         if ctx.distributed:
             dist.all_reduce(loss_sum)  # only last-stage ranks contribute; the sum is over replicas
         expert_load = self._expert_load()
-        loss = float(loss_sum) / max(n_valid, 1)
+        loss = float(loss_sum) / max(n_valid, 1)  # the finiteness check needs it before the update
+        timer.mark("loss")
         lr = lr_at(self.step_count, cfg)
         if math.isfinite(loss) and math.isfinite(grad_norm):  # both are the same on every rank
             for group in self.optimizer.param_groups:
@@ -235,6 +258,7 @@ class Trainer:
                 "without applying or saving this step (the last checkpoint is intact). Lower train.lr, check the "
                 "data, or set train.skip_nonfinite=true to skip such steps"
             )
+        timer.mark("optimizer")
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
@@ -246,7 +270,7 @@ class Trainer:
         stats = StepStats(step=self.step_count, loss=loss, lr=lr, grad_norm=grad_norm,
                           tokens=tokens, valid_tokens=n_valid, step_time_s=dt, tokens_per_s=tps, mfu=mfu,
                           epoch=self.data.epoch_of(self.position), skipped_nonfinite=self.skipped_nonfinite,
-                          timings=record.timings, expert_load=expert_load)
+                          timings=record.timings, expert_load=expert_load, phases=timer.durations())
         self._log(stats)
         return stats
 
@@ -341,8 +365,9 @@ class Trainer:
                     p.copy_(mp)
         for n, p in self.opt_params:
             if f"{n}.exp_avg" in optim:
+                step_t = optim[f"{n}.step"].reshape(()).clone().float()
                 self.optimizer.state[p] = {
-                    "step": optim[f"{n}.step"].reshape(()).clone().float(),
+                    "step": step_t.to(p.device) if self.fused else step_t.cpu(),  # where AdamW keeps it
                     "exp_avg": optim[f"{n}.exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
                     "exp_avg_sq": optim[f"{n}.exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
                 }

@@ -62,6 +62,32 @@ def test_virtual_stages_interleave_ranks():
     assert [s.index for s in plan.for_rank(1)] == [1, 5]
 
 
+def test_v_placement_balances_the_ranks():
+    """The V puts the embedding and the head on rank 0: of the splits with the least slowest stage,
+    the one that loads the ranks most evenly is taken (checked against every split)."""
+    from pp_runtime.schedules import v_placement
+
+    costs = LayerCosts(embedding=0.5, blocks=(1.0,) * 7, head=3.0)
+    ranks = v_placement(2)
+    plan = partition(costs, 2, 2, stage_ranks=ranks)
+    assert [s.rank for s in plan.stages] == [0, 1, 1, 0] and [s.index for s in plan.for_rank(0)] == [0, 3]
+    assert plan.stages[0].has_embedding and plan.stages[3].has_head
+    best = min(  # (slowest stage, busiest rank) over every split into 4 non-empty stages
+        (max(stage), max(sum(c for c, r in zip(stage, ranks) if r == q) for q in (0, 1)))
+        for cuts in itertools.combinations(range(1, 7), 3)
+        for bounds in [(0, *cuts, 7)]
+        for stage in [[bounds[i + 1] - bounds[i] + 0.5 * (i == 0) + 3.0 * (i == 3) for i in range(4)]]
+    )
+    # the slowest stage alone allows [2, 2, 2, 1], which would load rank 0 with 6.5
+    assert (plan.bottleneck, max(plan.rank_cost(0), plan.rank_cost(1))) == best == (4.0, 5.5)
+    args = preset("mistral-7b")
+    for p in (2, 4):
+        plan = plan_for(args, p, virtual_stages=2, training=True, stage_ranks=v_placement(p))
+        block = model_costs(args, training=True).blocks[0]
+        loads = [plan.rank_cost(r) for r in range(p)]
+        assert max(loads) - min(loads) < block, (p, plan.split)
+
+
 def test_explicit_split_overrides():
     plan = plan_for(preset("mistral-7b"), 4, split=[9, 8, 8, 7])
     assert plan.split == [9, 8, 8, 7]

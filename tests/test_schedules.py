@@ -21,7 +21,10 @@ from pp_runtime.schedules import (
     schedule_1f1b,
     schedule_gpipe,
     schedule_interleaved_1f1b,
+    schedule_interleaved_zb,
     schedule_zb_h1,
+    schedule_zb_v,
+    v_placement,
 )
 from pp_runtime.simulator import ScheduleError, simulate
 from pp_runtime.timeline import draw_timeline, main as timeline_main
@@ -119,6 +122,49 @@ def test_zb_h1_postpones_rank_r_weight_grads_by_r():
     assert [str(a) for a in s.actions[3][:6]] == ["F0@3", "B0@3", "F1@3", "B1@3", "F2@3", "B2@3"]
 
 
+def _strip_weight_grads(schedule: Schedule) -> list[list[Action]]:
+    return [[a for a in row if a.kind != "W"] for row in schedule.actions]
+
+
+@pytest.mark.parametrize("p", RANKS)
+def test_zb_v_has_no_bubble_but_the_fill_at_1f1b_memory(p):
+    """Equal F, B and W per chunk: rank p-1 cannot start before the first micro-batch has passed
+    p-1 chunks, so 6m + p - 1 is the least possible makespan; ZB-V reaches it once m >= 2p - 1,
+    holding 2p chunks (p micro-batches of a rank's layers, 1F1B's worst rank) on every rank."""
+    for m in range(p, 4 * p + 1):
+        zbv = schedule_zb_v(p, m)
+        assert zbv.stage_ranks == v_placement(p) and zbv.virtual_stages == 2
+        for rank, row in enumerate(zbv.actions):
+            assert {a.stage for a in row} == {rank, 2 * p - 1 - rank}
+        result = simulate(zbv)
+        assert sum(len(row) for row in result.timings) == 3 * m * 2 * p
+        assert result.max_peak_activations <= 2 * p, (p, m)
+        if m >= 2 * p - 1:
+            assert result.makespan == 6 * m + p - 1, (p, m)
+            # on one rank's time scale (a chunk is half a rank's layers): half ZB-H1's fill
+            assert simulate(zbv, cost_f=0.5, cost_b=1.0).makespan == 3 * m + (p - 1) / 2, (p, m)
+
+
+@pytest.mark.parametrize("v", [2, 3])
+@pytest.mark.parametrize("p", RANKS)
+def test_interleaved_zb_fills_the_cool_down_at_interleaved_memory(p, v):
+    """Megatron's F/B order with every B split: the W's fill the bubbles, down to the least
+    possible makespan 3vm + p - 1 (equal F, B, W per chunk), with no rank holding more
+    activations than interleaved 1F1B's worst rank, and rank r never more than r W's behind."""
+    for m in range(p, 4 * p + 1):
+        base = schedule_interleaved_1f1b(p, m, v)
+        zb = schedule_interleaved_zb(p, m, v)
+        assert _strip_weight_grads(zb) == [list(row) for row in base.actions], (p, m, v)
+        result = simulate(zb)
+        assert result.makespan == 3 * v * m + p - 1, (p, m, v)
+        assert result.max_peak_activations <= simulate(base).max_peak_activations, (p, m, v)
+        for rank, row in enumerate(zb.actions):
+            waiting = 0
+            for a in row:
+                waiting += {"B": 1, "W": -1}.get(a.kind, 0)
+                assert waiting <= rank + 1, (p, m, v, rank)  # r waiting plus the B just run
+
+
 def test_interleaved_places_stage_s_on_rank_s_mod_p():
     s = schedule_interleaved_1f1b(4, 8, 2)
     assert s.n_stages == 8 and s.rank_of(5) == 1 and s.stages_of(1) == [1, 5]
@@ -131,6 +177,8 @@ def test_build_schedule_by_name():
     assert build_schedule("1F1B", 3, 4) == schedule_1f1b(3, 4)
     assert build_schedule("interleaved", 2, 4, 3) == schedule_interleaved_1f1b(2, 4, 3)
     assert build_schedule("zero-bubble", 3, 4) == build_schedule("ZB-H1", 3, 4) == schedule_zb_h1(3, 4)
+    assert build_schedule("zb_v", 3, 6, 2) == build_schedule("ZB-V", 3, 6, 2) == schedule_zb_v(3, 6)
+    assert build_schedule("interleaved_zb", 2, 4, 3) == schedule_interleaved_zb(2, 4, 3)
 
 
 @pytest.mark.parametrize(
@@ -142,6 +190,8 @@ def test_build_schedule_by_name():
         (("1f1b", 4, 8, 2), r"set schedule.virtual_stages=1 or use schedule interleaved"),
         (("zb-h2", 4, 8), r"unknown schedule 'zb-h2': choose one of gpipe, 1f1b, interleaved, zb-h1"),
         (("zb-h1", 4, 8, 2), r"set schedule.virtual_stages=1 or use schedule interleaved"),
+        (("zb-v", 4, 8, 1), r"zb-v runs two stages per rank \(a V\) but virtual_stages=1; set schedule.virtual_stages=2"),
+        (("interleaved-zb", 4, 8, 1), r"needs at least 2 virtual stages per rank"),
     ],
 )
 def test_build_schedule_errors_say_how_to_fix(args, match):
@@ -165,6 +215,8 @@ def test_check_microbatches_messages():
     check_microbatches("interleaved", 4, 6)
     with pytest.raises(ConfigError, match=r"ZB-H1 needs at least as many micro-batches as stages \(got 3 for 4"):
         check_microbatches("zb-h1", 4, 3)
+    with pytest.raises(ConfigError, match=r"ZB-V needs at least as many micro-batches as stages \(got 3 for 4"):
+        check_microbatches("zb-v", 4, 3)
 
 
 # --- broken schedules --------------------------------------------------------------------------
@@ -219,6 +271,18 @@ def test_misplaced_or_out_of_range_action_rejected(extra, match):
 def test_schedule_shape_checked():
     with pytest.raises(ConfigError, match="action lists for 1 ranks but n_ranks=2"):
         Schedule(2, 1, 1, ((Action("F", 0, 0),),))
+    with pytest.raises(ConfigError, match=r"stage_ranks=\[0, 0, 0, 1\] gives rank\(s\) \[0, 1\] other than 2 stage"):
+        Schedule(2, 1, 2, ((), ()), stage_ranks=(0, 0, 0, 1))
+    with pytest.raises(ConfigError, match=r"stage_ranks=\[0, 2\] must give a rank in 0..1 for each of the 2 stages"):
+        Schedule(2, 1, 1, ((), ()), stage_ranks=(0, 2))
+
+
+def test_v_placement_is_checked_against_the_actions():
+    s = schedule_zb_v(2, 4)
+    assert [s.rank_of(x) for x in range(4)] == [0, 1, 1, 0] and s.stages_of(0) == [0, 3]
+    broken = _replace_rank(s, 1, [str(a) for a in s.actions[1]] + ["F0@3"])
+    with pytest.raises(ScheduleError, match=r"rank 1 step \d+ \(F0@3\): stage 3 lives on rank 0"):
+        simulate(broken)
 
 
 # --- simulator details -------------------------------------------------------------------------
@@ -248,7 +312,7 @@ def test_split_backward_with_weight_grad_actions():
 
 
 def test_save_load_round_trip(tmp_path):
-    for s in (schedule_1f1b(3, 5), schedule_interleaved_1f1b(2, 4, 2)):
+    for s in (schedule_1f1b(3, 5), schedule_interleaved_1f1b(2, 4, 2), schedule_zb_v(3, 5)):
         path = tmp_path / f"{s.name}.json"
         save_schedule(s, path)
         assert load_schedule(path) == s
@@ -291,6 +355,8 @@ def test_timeline_cli_writes_png(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
     assert "bubble fraction 0.1579" in printed and "peak activations per rank [11, 9, 7, 5]" in printed
+    assert timeline_main(["--schedule", "zb-v", "--ranks", "4", "--microbatches", "8", "--out", str(out)]) == 0
+    assert "schedule zb-v: 4 ranks, 8 micro-batches, 2 virtual stage(s)" in capsys.readouterr().out
 
 
 def test_draw_timeline_from_measured_seconds(tmp_path):

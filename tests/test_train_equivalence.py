@@ -6,8 +6,10 @@ reference (the whole model as one StageModule, all rows at once, loss over all v
 AdamW + clipping written out here), in float64.
 
 Coverage: gpipe, 1f1b, interleaved(v=2) each on 4 stages x 1 replica and on 2 stages x 2 replicas
-(world 4), zb-h1 on 4 stages (MoE) and on 2 (with activation checkpointing), and 2 stages x 1
-replica (world 2, plus a schedule that splits every B and W).
+(world 4), zb-h1 on 4 stages (MoE) and on 2 (with activation checkpointing), zb-v (the V
+placement: rank 0 holds the first and the last stage) on 4 stages and on 2 stages x 2 replicas,
+interleaved-zb on 4 stages, and 2 stages x 1 replica (world 2: interleaved, zb-v, interleaved-zb
+under activation checkpointing, plus a schedule that splits every B and W).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def run_case(name: str, pp: int, dp: int, v: int, args: ModelArgs, ckpt: bool = 
     ctx = init_parallel(pp, dp, "cpu")
     data = dataset(args)
     schedule = split_bw_schedule(pp, MICRO) if name == "1f1b-split" else build_schedule(name, pp, MICRO, v)
-    plan = plan_for(args, pp, virtual_stages=v, training=True)
+    plan = plan_for(args, pp, virtual_stages=v, training=True, stage_ranks=schedule.stage_ranks)
     source = ModelSource(args, None, seed=3)
     stages = {s.index: source.build_stage(s, torch.float64, ctx.device) for s in plan.for_rank(ctx.pp_rank)}
     cfg = TrainConfig(**{**CFG.__dict__, "activation_checkpointing": ckpt})
@@ -127,6 +129,8 @@ def run_case(name: str, pp: int, dp: int, v: int, args: ModelArgs, ckpt: bool = 
         ref_loss, ref_norm, ref_grads = ref.step()
         assert math.isclose(stats.loss, ref_loss, rel_tol=1e-6), f"{label} step {step}: loss {stats.loss} vs {ref_loss}"
         assert math.isclose(stats.grad_norm, ref_norm, rel_tol=1e-6), f"{label} step {step}: grad norm {stats.grad_norm} vs {ref_norm}"
+        assert list(stats.phases) == ["data", "schedule", "grad_reduce", "clip", "optimizer", "loss"], stats.phases
+        assert sum(stats.phases.values()) <= stats.step_time_s  # measured inside the step
         if step == 0:
             assert len(stats.timings) == len(schedule.actions[ctx.pp_rank])
             scale = min(1.0, cfg.grad_clip / (ref_norm + 1e-6))  # trainer grads are clipped in place
@@ -156,7 +160,7 @@ def _spawn(world: int, cases: list) -> None:
 
 @pytest.mark.timeout(240)
 def test_four_ranks_match_single_process():
-    """4 stages x 1 replica and 2 stages x 2 replicas, every built-in schedule on each."""
+    """4 stages x 1 replica and 2 stages x 2 replicas, every built-in schedule on one or both."""
     _spawn(4, [
         ("gpipe", 4, 1, 1, DENSE, True),
         ("1f1b", 4, 1, 1, DENSE),
@@ -165,17 +169,23 @@ def test_four_ranks_match_single_process():
         ("1f1b", 2, 2, 1, MOE),
         ("interleaved", 2, 2, 2, DENSE),
         ("zb-h1", 4, 1, 1, MOE),
+        ("zb-v", 4, 1, 2, DENSE),
+        ("zb-v", 2, 2, 2, DENSE),
+        ("interleaved-zb", 4, 1, 2, DENSE),
     ])
 
 
 @pytest.mark.timeout(240)
 def test_two_ranks_match_single_process():
     """2 stages x 1 replica: interleaved (rank 1 sends rank 0 both activations and gradients), a
-    schedule that splits every backward into B and W, and ZB-H1 under activation checkpointing."""
+    schedule that splits every backward into B and W, ZB-H1 under activation checkpointing, ZB-V
+    (MoE) and interleaved 1F1B with the B/W split under activation checkpointing."""
     _spawn(2, [
         ("interleaved", 2, 1, 2, MOE),
         ("1f1b-split", 2, 1, 1, DENSE),
         ("zb-h1", 2, 1, 1, DENSE, True),
+        ("zb-v", 2, 1, 2, MOE),
+        ("interleaved-zb", 2, 1, 2, DENSE, True),
     ])
 
 
