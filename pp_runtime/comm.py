@@ -45,11 +45,19 @@ def edge_groups(pp_ranks_of_replicas: Sequence[Sequence[int]], edges: Iterable[E
 
 
 def _open(group: dist.ProcessGroup) -> None:
-    """Set up the group's communicator now, both members at the same point of the same order,
-    rather than at its first send or receive (on NCCL a lazily made communicator would block the
-    host of a rank that posts a receive early until its peer reaches that edge)."""
+    """Set up the pair's communicator and its point-to-point connections now, both members at the
+    same point of the same order. NCCL connects a pair at its first send or receive, and the rank
+    doing so waits on the host until its peer connects too: a receive posted early (ahead of need)
+    would then block its host until the sender reaches that edge, while the sender may be waiting
+    for this rank's next message. One send and one receive each way, batched, opens both
+    directions."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    dist.all_reduce(torch.zeros(1, device=device), group=group)
+    me = dist.get_rank()
+    peer = next(r for r in dist.get_process_group_ranks(group) if r != me)
+    out, inp = torch.zeros(1, device=device), torch.empty(1, device=device)
+    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, out, peer, group), dist.P2POp(dist.irecv, inp, peer, group)])
+    for w in works:
+        w.wait()
 
 
 def forget_groups() -> None:

@@ -19,7 +19,12 @@ back to i on another, so with interleaved or V placements, where two ranks excha
 directions, no receive waits behind an unrelated send. Both sides know every message's shape
 (rows of a micro-batch x model dim, in the model dtype) and the order the sender sends each
 lane's messages in (its action list), so no header travels: the receiver posts its receives in
-that order, ahead of need (`RECV_AHEAD`), into buffers an action waits on when it starts. A
+that order, into buffers an action waits on when it starts. Each receive is posted when the action
+needing it starts (with the messages its sender sent earlier on that lane), not ahead of it: on GPU
+a posted receive is an NCCL kernel that occupies streaming multiprocessors until its data arrives,
+so receives posted ahead slowed every matmul running beside them (our 1F1B measured 0.83x torch's
+on 2 H200s that way), and CUDA loads a kernel lazily after the kernels already running finish, so
+a receive pending on data that depends on this rank's next action could hang the first step. A
 message that arrives before it is needed (a sender's order need not be the receiver's) waits in
 its buffer. Any schedule that passes `pp_runtime.simulator.validate` (each rank's order respects
 the dependencies) and has no cross-rank cycle runs without deadlock.
@@ -34,7 +39,6 @@ idle GPU). The same data draws the timeline picture.
 
 from __future__ import annotations
 
-import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
@@ -47,8 +51,6 @@ from pp_runtime.comm import ACT, GRAD, Edge, EdgeLinks
 from pp_runtime.model import StageModule
 from pp_runtime.schedules import BACKWARD, FORWARD, WEIGHT, Action, Schedule
 from pp_runtime.weight_grad import WeightGradQueue, enable_split_backward
-
-RECV_AHEAD = 2  # actions needing remote data whose receives are posted from the current action on
 
 Message = tuple[str, int, int]  # (lane, micro-batch, stage of the action that consumes it)
 Channel = tuple[int, str]  # (source pipeline rank, lane)
@@ -147,7 +149,6 @@ class PipelineExecutor:
             msg = (ACT, a.microbatch, a.stage) if a.kind == FORWARD else (GRAD, a.microbatch, a.stage)
             if a.kind != WEIGHT and msg in where:
                 self._needs[i] = where[msg]
-        self._remote_steps = sorted(self._needs)
 
     def _send(self, lane: str, mb: int, to_stage: int, tensor: torch.Tensor) -> None:
         """Hand `tensor` to `to_stage`'s action: in memory when local, else an async send."""
@@ -159,19 +160,19 @@ class PipelineExecutor:
             self.links.send(tensor.contiguous(), self.peers[rank], lane)
 
     def _post_receives(self, step: int, microbatches: Sequence[MicroBatch]) -> None:
-        """Post the receives of the next RECV_AHEAD actions from `step` on that need remote data
-        (and, to keep each lane in sending order, of the messages sent before them)."""
-        first = bisect.bisect_left(self._remote_steps, step)
-        for i in self._remote_steps[first:first + RECV_AHEAD]:
-            channel, position = self._needs[i]
-            src, lane = channel
-            while self._posted[channel] <= position:
-                msg = self._inbound[channel][self._posted[channel]]
-                rows = microbatches[msg[1]].tokens.shape[0]
-                buf = torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
-                assert self.links is not None
-                self._arrived[msg] = (buf, self.links.recv(buf, self.peers[src], lane))
-                self._posted[channel] += 1
+        """Post the receive action `step` needs, if any (and, to keep each lane in sending order, of
+        the messages sent before it on that lane)."""
+        if step not in self._needs:
+            return
+        channel, position = self._needs[step]
+        src, lane = channel
+        while self._posted[channel] <= position:
+            msg = self._inbound[channel][self._posted[channel]]
+            rows = microbatches[msg[1]].tokens.shape[0]
+            buf = torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
+            assert self.links is not None
+            self._arrived[msg] = (buf, self.links.recv(buf, self.peers[src], lane))
+            self._posted[channel] += 1
 
     def _take(self, lane: str, mb: int, stage: int) -> torch.Tensor:
         """The tensor addressed to (lane, mb, stage): from memory, or its receive once complete."""

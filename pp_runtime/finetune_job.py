@@ -219,7 +219,7 @@ def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dt
 
 def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     """Everything before the first step; raises user errors (checked identically on every rank)."""
-    if OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path:
+    if OmegaConf.is_missing(cfg.data, "path") or cfg.data.path == "":  # null: the demo task
         raise ConfigError("fine-tuning needs data.path=FILE.jsonl ({\"text\": ...} or {\"prompt\", \"completion\"} lines)")
     source = model_source(cfg.model)
     tokenizer = load_tokenizer(cfg, source)

@@ -146,7 +146,7 @@ def test_both_zb_h1_spellings_select_the_zero_bubble_schedule(spelling, tmp_path
 def test_an_unknown_schedule_lists_the_known_ones(capsys):
     from pp_runtime.timeline import main as timeline
 
-    with pytest.raises(ConfigError, match=r"Could not find 'schedule/zb-h2'; choose one of 1f1b, gpipe, interleaved, zb-h1, zb_h1"):
+    with pytest.raises(ConfigError, match=r"Could not find 'schedule/zb-h2'; choose one of 1f1b, gpipe, interleaved, interleaved-zb, interleaved_zb, zb-h1, zb-v, zb_h1, zb_v"):
         load_config("finetune", ["schedule=zb-h2", "data.path=x"])
     with pytest.raises(SystemExit):
         timeline(["--schedule", "zb-h2", "--ranks", "2", "--microbatches", "4"])

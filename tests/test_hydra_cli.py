@@ -32,7 +32,7 @@ HELP = {
                        "pipeline.data_parallel", "progress_interval", "experiment: batch_infer_mistral7b"],
     "finetune.py": ["model.path=DIR", "data.path=FILE.jsonl", "train.steps", "train.lr", "pipeline.stages",
                     "schedule.microbatches", "out_dir=DIR", "export=DIR", "eval.path", "metrics.tensorboard=true",
-                    "metrics.wandb=PROJECT", "--multirun", "schedule: 1f1b, gpipe, interleaved, zb-h1, zb_h1",
+                    "metrics.wandb=PROJECT", "--multirun", "schedule: 1f1b, gpipe, interleaved, interleaved-zb, interleaved_zb, zb-h1, zb-v, zb_h1, zb_v",
                     "finetune_mistral7b_8gpu"],
 }
 

@@ -170,7 +170,7 @@ def finetune_args(data: Path, tokenizer: Path, out: Path, *extra: str) -> list[s
     ("train.grad_clip=inf", ConfigError, r"train\.grad_clip=.*inf.* must be a finite number"),
     ("pipeline.split=abc", ConfigError, r"pipeline\.split='abc' must be a list"),
     ("data.seq_len=5000", ConfigError, r"data\.seq_len=5000 is longer than the model's max_seq_len=4096"),
-    ("data.path=???", ConfigError, r"fine-tuning needs data\.path=FILE\.jsonl"),
+    ("data.path=???", ConfigError, r"set data\.path=FILE\.jsonl: without it the job trains on the demo task"),
     ("out_dir=FILE/sub", ConfigError, r"out_dir: .* is a file, not a folder"),
     ("data.path=LATIN", InputError, r"latin\.jsonl line 2: not valid UTF-8 \(byte 0xe9"),
 ])
@@ -240,7 +240,7 @@ def test_resume_from_damaged_shard_is_a_checkpoint_error(how, train_file, tiny_c
 # ---------------------------------------------------------------------------------- the command line
 @pytest.mark.parametrize("script, args, message", [
     ("infer.py", ["model.path=DAMAGED", "prompt=hi"], "consolidated.safetensors is not a readable safetensors file"),
-    ("finetune.py", ["data.seq_len=24"], "fine-tuning needs data.path="),
+    ("finetune.py", ["model=random", "data.seq_len=24"], "a model trained from scratch needs a tokenizer"),
 ])
 def test_user_error_is_one_line_and_exit_2(script, args, message, tiny_ckpt, tmp_path):
     ckpt = tmp_path / "ckpt"
