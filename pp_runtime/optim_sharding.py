@@ -47,6 +47,10 @@ from pp_runtime.parallel import ParallelContext
 
 GATHER_CHUNK = 1 << 24  # elements per all-gather when a checkpoint collects the shards
 
+# torch >= 2.13 renames the flat collectives (the old names warn); older torch has only the old ones
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -189,7 +193,7 @@ class FlatAdamW:
         flat = torch.cat(parts)
         if self.zero:
             out = torch.empty(L.shard_numel, dtype=flat.dtype, device=flat.device)
-            dist.reduce_scatter_tensor(out, flat, group=self.ctx.dp_group)
+            _reduce_scatter(out, flat, group=self.ctx.dp_group)
             del flat
         else:
             if self.ctx.dp_size > 1:
@@ -238,7 +242,7 @@ class FlatAdamW:
         L = self.layout
         if self.zero:
             full = torch.empty(L.padded, dtype=new.dtype, device=new.device)
-            dist.all_gather_into_tensor(full, new.contiguous(), group=self.ctx.dp_group)
+            _all_gather(full, new.contiguous(), group=self.ctx.dp_group)
         else:
             full = new
         with torch.no_grad():
@@ -268,7 +272,7 @@ class FlatAdamW:
                 c = min(GATHER_CHUNK, S - k)
                 piece = shard[k:k + c].to(self.device)
                 got = torch.empty(c * self.n_shards, dtype=shard.dtype, device=self.device)
-                dist.all_gather_into_tensor(got, piece, group=self.ctx.dp_group)
+                _all_gather(got, piece, group=self.ctx.dp_group)
                 if keep:
                     got = got.cpu()
                     for d in range(self.n_shards):
