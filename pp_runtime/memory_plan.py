@@ -14,7 +14,8 @@ trainable, b bytes per element of the model dtype, n = data-parallel replicas un
                device keeps only the T / n x b slice the updated weights come up into
 - activations  peak in-flight micro-batches of the rank under the schedule (pp_runtime/simulator.py)
                x the bytes one micro-batch leaves behind on one of its (virtual) stages, averaged
-               over them. Per token, per layer, what autograd saves:
+               over them (a split backward's pending W counts as the whole micro-batch: an
+               over-estimate for the zero-bubble schedules). Per token, per layer, what autograd saves:
                    b x (6 dim + 2 kv_dim + 4 hidden x k)
                (norm input and output, q, attention output, residual, second norm's output; k, v;
                w1 and w3 outputs, SiLU output and the product, for each of the top-k experts of an
