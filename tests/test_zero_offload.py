@@ -190,3 +190,25 @@ def test_cpu_adam_kill_and_resume_gives_the_uninterrupted_loss_curve(data_file, 
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-5), f"step {step}: {got[step]} vs {ref[step]}"
+
+
+def test_cpu_adam_without_deepspeed_or_its_op_is_one_line(monkeypatch):
+    """What a user without DeepSpeed (or without a compiler) gets: a one-line ConfigError at start-up."""
+    import sys
+
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    from pp_runtime.cpu_offload import cpu_adam_class
+    from pp_runtime.errors import ConfigError
+
+    def broken(self, *a, **k):
+        raise RuntimeError("Error building extension 'cpu_adam'\nninja: build stopped")
+
+    monkeypatch.setattr(CPUAdamBuilder, "load", broken)
+    with pytest.raises(ConfigError, match=r"^train.optimizer=cpu_adam: DeepSpeed's CPU Adam op could not be built or "
+                                          r"loaded \(RuntimeError: Error building extension 'cpu_adam'\); pip install"):
+        cpu_adam_class()
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"^train.optimizer=cpu_adam needs DeepSpeed, which does not import here") as e:
+        cpu_adam_class()
+    assert "\n" not in str(e.value)
