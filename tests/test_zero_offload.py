@@ -1,5 +1,6 @@
 """ZeRO-1 across replicas and DeepSpeed's CPU-offloaded AdamW equal the plain step; both resume after
-kill -9 on the same loss curve, ZeRO-1 also under another replica count.
+kill -9 on the same loss curve, ZeRO-1 also under another replica count and another split (its
+checkpoints hold full per-parameter tensors gathered on replica 0 of each stage).
 
 - ZeRO-1 (float64): 2 stages x 2 replicas (4 gloo ranks; dense 1F1B, MoE ZB-H1) and 1 stage x 2
   replicas (2 ranks, shards with padding) against the single-process float64 reference of
@@ -175,6 +176,22 @@ def test_zero1_checkpoint_resumes_under_another_replica_count(zero_interrupted, 
     printed = capsys.readouterr().out
     assert "memory plan (estimated device bytes per pipeline rank; float32, adamw, schedule 1f1b)" in printed
     assert "note: train.zero=1 with one replica shards nothing" in printed
+
+
+@pytest.mark.timeout(240)
+def test_zero1_checkpoint_resumes_on_two_stages_of_two_replicas(zero_interrupted, uninterrupted, data_file,  # noqa: F811
+                                                                tiny_ckpt, tmp_path):
+    """The same checkpoint (1 stage x 2 replicas) under another split and layout: 2 stages x 2 replicas, 4 ranks."""
+    ckpt = zero_interrupted / "checkpoints" / "step_00000004"
+    argv = overrides(data_file, tiny_ckpt, tmp_path, f"resume={ckpt}", "pipeline.stages=2", "pipeline.data_parallel=2",
+                     "train.zero=1")
+    assert _spawn(4, argv)
+    got, ref = losses(tmp_path), losses(uninterrupted)
+    assert sorted(got) == [5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5)
+    saved = tc.read_manifest(tc.latest_checkpoint(tmp_path / "checkpoints"))
+    assert len(saved["stages"]) == 2 and saved["step"] == STEPS
 
 
 @pytest.mark.timeout(300)
