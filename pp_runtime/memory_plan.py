@@ -115,7 +115,8 @@ def refusal(r: RankMemory, free_bytes: int, *, pp_size: int, dp_size: int, zero:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+    """Bytes in GiB, or MiB below one GiB (a small model's plan would read 0.00 GiB everywhere)."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
 
 
 def stage_params(args: ModelArgs, spec: StageSpec) -> int:

@@ -92,7 +92,7 @@ def test_finetune_refuses_before_training_when_a_rank_does_not_fit(data_file, ti
 
     monkeypatch.setattr(finetune_job, "device_free_bytes", lambda device: 1 << 20)
     with one_thread(), pytest.raises(ConfigError, match=r"^memory plan: pipeline rank 0 \(stage 0\) needs an estimated .* "
-                                                         r"but its GPU has 0\.00 GiB free; fit it with LoRA"):
+                                                         r"but its GPU has 1\.0 MiB free; fit it with LoRA"):
         finetune_job.run(load_config("finetune", overrides(data_file, tiny_ckpt, tmp_path)))
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before the first step
     # the check can be switched off
