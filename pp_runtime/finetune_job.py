@@ -24,6 +24,7 @@ from pp_runtime.args import ModelArgs, preset
 from pp_runtime.config import resolve_path
 from pp_runtime.errors import CheckpointError, ConfigError
 from pp_runtime.evaluate import Question, demo_questions, evaluate, read_questions
+from pp_runtime.memory_plan import MemoryPlan, device_free_bytes, plan_memory
 from pp_runtime.model import StageModule
 from pp_runtime.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.partition import StagePlan, plan_for
@@ -102,7 +103,15 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     reals = {k: _finite(t, k) for k in ("lr", "min_lr", "weight_decay", "eps", "grad_clip")}
     if not isinstance(t.betas, ListConfig) or len(t.betas) != 2:
         raise ConfigError(f"train.betas={t.betas!r} must be a pair, e.g. train.betas=[0.9,0.95]")
+    zero = t.get("zero", 0)
+    if isinstance(zero, bool) or zero not in (0, 1):
+        raise ConfigError(f"train.zero={zero!r} must be 0 (off) or 1 (ZeRO-1: optimizer state sharded over the replicas)")
+    optimizer = t.get("optimizer", "adamw")
+    if optimizer not in ("adamw", "cpu_adam"):
+        raise ConfigError(f"train.optimizer={optimizer!r} must be adamw (on the device) or cpu_adam (DeepSpeed's CPU Adam, "
+                          "state in host memory)")
     tcfg = TrainConfig(
+        zero=int(zero), optimizer=str(optimizer),
         steps=_integer(t, "steps"), batch_size=_integer(t, "batch_size"), warmup_steps=_integer(t, "warmup_steps"),
         betas=(_finite(t.betas, 0, "train.betas"), _finite(t.betas, 1, "train.betas")),
         activation_checkpointing=bool(t.activation_checkpointing), skip_nonfinite=bool(t.get("skip_nonfinite", False)),
@@ -237,6 +246,9 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     check_output_dir(out_dir, "out_dir")  # before any step: an unwritable folder must not cost the training
     check_output_dir(ckpt_root, "checkpoint.dir")
     dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+    if tcfg.optimizer == "cpu_adam" and dtype == torch.float64:
+        raise ConfigError("train.optimizer=cpu_adam keeps float32 master weights (DeepSpeed's CPU Adam); "
+                          "use model.dtype=float32 or bfloat16, or train.optimizer=adamw for float64")
     definition = run_definition(cfg, source, tcfg, data, dtype)
     resume = tc.resolve_resume(cfg.get("resume"), ckpt_root)
     manifest, notes = None, []
@@ -253,6 +265,13 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
             )
         if changed:
             notes.append(f"note: resuming {resume} with settings that differ from the run that saved it: {'; '.join(changed)}")
+    memory = memory_plan(cfg, args, plan, schedule, tcfg, ctx, dtype)
+    notes.append(memory.describe())
+    if tcfg.zero and ctx.dp_size == 1:
+        notes.append("note: train.zero=1 with one replica shards nothing (pipeline.data_parallel=1)")
+    free = device_free_bytes(ctx.device)
+    if free is not None and bool(cfg.train.get("memory_check", True)):
+        memory.check(ctx.pp_rank, free, pp_size=ctx.pp_size, dp_size=ctx.dp_size)
     stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None)
     metrics_path = resolve_path(cfg.metrics.get("file")) or out_dir / "metrics.jsonl"
     check_loggers(cfg.metrics)
@@ -260,8 +279,10 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path, console=False)
     if resume is not None:
         names = [n for n, _ in trainer.named_params]
-        weights = tc.load_tensors(resume, names, kind="weights", manifest=manifest, device=ctx.device)
-        optim = tc.load_tensors(resume, tc.optim_keys(names), kind="optim", manifest=manifest, device=ctx.device,
+        # the flat step keeps a slice of the state: read the full tensors into host memory, not the device
+        where = torch.device("cpu") if trainer.flat is not None else ctx.device
+        weights = tc.load_tensors(resume, names, kind="weights", manifest=manifest, device=where)
+        optim = tc.load_tensors(resume, tc.optim_keys(names), kind="optim", manifest=manifest, device=where,
                                 required=int(manifest["step"]) > 0)
         trainer.load_state(weights, optim, step=int(manifest["step"]), position=int(manifest["data"]["position"]))
         tc.load_rng(resume, ctx.pp_rank, ctx.device)
@@ -273,10 +294,11 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
 def save(job: Job, cfg: DictConfig) -> Path:
     t = job.trainer
     shards = {}
-    weights, optim = t.weights_of_record(), t.optimizer_state()
+    weights, optim = t.weights_of_record(), t.optimizer_state()  # collective under ZeRO-1 ({} on replicas > 0)
     for s, module in t.stages.items():
         names = {n for n, _ in module.named_parameters()}
-        shards[s] = ({n: weights[n] for n in names}, {k: v for k, v in optim.items() if k.rsplit(".", 1)[0] in names})
+        shards[s] = ({n: weights[n] for n in names if n in weights},
+                     {k: v for k, v in optim.items() if k.rsplit(".", 1)[0] in names})
     return tc.save_train_checkpoint(
         job.ckpt_root, step=t.step_count, shards=shards, stages=job.plan.stages, args=job.source.args,
         rank=job.ctx.rank, pp_rank=job.ctx.pp_rank, dp_rank=job.ctx.dp_rank, position=t.position,
@@ -406,6 +428,15 @@ def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> 
               flush=True)
 
 
+
+
+def memory_plan(cfg: DictConfig, args: ModelArgs, plan: StagePlan, schedule: Schedule, tcfg: TrainConfig,
+                ctx: ParallelContext, dtype: torch.dtype) -> MemoryPlan:
+    """The start-up memory estimate of every pipeline rank (pp_runtime/memory_plan.py)."""
+    rows = tcfg.batch_size // (ctx.dp_size * schedule.n_microbatches)
+    return plan_memory(args, plan, schedule, dtype=dtype, tokens_per_microbatch=rows * int(cfg.data.seq_len),
+                       dp_size=ctx.dp_size, zero=bool(tcfg.zero), optimizer=tcfg.optimizer, master=tcfg.master_weights,
+                       activation_checkpointing=tcfg.activation_checkpointing)
 
 
 def _meta_model(args: ModelArgs) -> StageModule:

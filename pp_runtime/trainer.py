@@ -19,6 +19,11 @@ cannot hide shows outside `schedule_s`.
 
 With a bfloat16/float16 model the optimizer keeps float32 master weights (gradients are
 accumulated in the model dtype, then copied to float32 for clipping and the update).
+
+`train.zero=1` shards the master weights and AdamW state over the replicas (steps 1 and 3 become
+a reduce-scatter, a slice update and an all-gather), `train.optimizer=cpu_adam` moves them to host
+memory under DeepSpeed's CPU Adam; both run the flat step of pp_runtime/optim_sharding.py, with
+the same loss, norm and clipping.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is not finite, instead of stopping
     activation_checkpointing: bool = False
     master_weights: Optional[bool] = None  # None = when the model dtype is below float32
+    zero: int = 0  # 1: ZeRO-1, optimizer state and master weights sharded over the data-parallel replicas
+    optimizer: str = "adamw"  # adamw (on the device) | cpu_adam (host memory, DeepSpeed's CPU Adam)
     peak_flops: float = PEAK_FLOPS_H200_BF16
     log_every: int = 1
 
@@ -178,13 +185,24 @@ class Trainer:
             raise ValueError("local stages share parameter names; stages must hold disjoint layers")
         dtype = self.named_params[0][1].dtype
         self.master = cfg.master_weights if cfg.master_weights is not None else dtype in (torch.bfloat16, torch.float16)
-        if self.master:
-            self.opt_params = [(n, torch.nn.Parameter(p.detach().float().clone())) for n, p in self.named_params]
-        else:
+        self.flat = None  # the flat step (ZeRO-1 / CPU offload), else the plain per-tensor AdamW below
+        if cfg.zero or cfg.optimizer != "adamw":
+            from pp_runtime.optim_sharding import FlatAdamW
+
+            self.flat = FlatAdamW(ctx, self.named_params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, zero=bool(cfg.zero), offload=cfg.optimizer == "cpu_adam",
+                                  master=self.master)
             self.opt_params = self.named_params
-        self.fused = ctx.device.type == "cuda"  # one kernel for the whole update instead of several per tensor
-        self.optimizer = torch.optim.AdamW(param_groups(self.opt_params, cfg.weight_decay), lr=cfg.lr,
-                                           betas=tuple(cfg.betas), eps=cfg.eps, fused=self.fused or None)
+            self.fused = self.flat.fused
+            self.optimizer = self.flat.optimizer
+        else:
+            if self.master:
+                self.opt_params = [(n, torch.nn.Parameter(p.detach().float().clone())) for n, p in self.named_params]
+            else:
+                self.opt_params = self.named_params
+            self.fused = ctx.device.type == "cuda"  # one kernel for the whole update instead of several per tensor
+            self.optimizer = torch.optim.AdamW(param_groups(self.opt_params, cfg.weight_decay), lr=cfg.lr,
+                                               betas=tuple(cfg.betas), eps=cfg.eps, fused=self.fused or None)
         self.timer = PhaseTimer(ctx.device)
         links = EdgeLinks(ctx.rank, edge_groups(ctx, pipeline_edges(schedule))) if ctx.pp_size > 1 else None
         self.executor = PipelineExecutor(schedule, ctx.pp_rank, self.stages, ctx.pp_ranks, links, ctx.device)
@@ -232,9 +250,14 @@ class Trainer:
         timer.mark("data")
         record = self.executor.run(microbatches, loss_fn)
         timer.mark("schedule")
-        self._reduce_gradients()
+        if self.flat is not None:
+            self.flat.reduce_gradients(self._grads())
+            for _, p in self.named_params:
+                p.grad = None  # the flat buffer (or this replica's slice of it) holds them now
+        else:
+            self._reduce_gradients()
         timer.mark("grad_reduce")
-        grad_norm = self._clip()
+        grad_norm = self.flat.global_norm(cfg.grad_clip) if self.flat is not None else self._clip()
         timer.mark("clip")
         loss_sum = record.loss_sum.clone()
         if ctx.distributed:
@@ -243,7 +266,9 @@ class Trainer:
         loss = float(loss_sum) / max(n_valid, 1)  # the finiteness check needs it before the update
         timer.mark("loss")
         lr = lr_at(self.step_count, cfg)
-        if math.isfinite(loss) and math.isfinite(grad_norm):  # both are the same on every rank
+        if math.isfinite(loss) and math.isfinite(grad_norm) and self.flat is not None:
+            self.flat.step(lr)
+        elif math.isfinite(loss) and math.isfinite(grad_norm):  # both are the same on every rank
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -252,6 +277,8 @@ class Trainer:
                     torch._foreach_copy_([p for _, p in self.named_params], [mp for _, mp in self.opt_params])
         elif cfg.skip_nonfinite:
             self.skipped_nonfinite += 1
+            if self.flat is not None:
+                self.flat.skip()
         else:
             raise TrainingError(
                 f"step {self.step_count + 1}: the loss is {loss} and the gradient norm {grad_norm}; training stopped "
@@ -341,11 +368,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
     def weights_of_record(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: the optimizer's (master) copy of every local parameter, by global name."""
+        """What a checkpoint stores: the optimizer's (master) copy of every local parameter, by global name.
+
+        With the flat step (ZeRO-1 / cpu_adam) the slices are gathered on data-parallel rank 0 (host
+        memory; the other replicas get {}): collective over the replicas, call it on every rank."""
+        if self.flat is not None:
+            return self.flat.full_weights()
         return {n: p.detach() for n, p in self.opt_params}
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """AdamW state by global parameter name: NAME.exp_avg, NAME.exp_avg_sq, NAME.step."""
+        """AdamW state by global parameter name: NAME.exp_avg, NAME.exp_avg_sq, NAME.step (flat step:
+        collective, like weights_of_record)."""
+        if self.flat is not None:
+            return self.flat.full_optimizer_state()
         out: dict[str, torch.Tensor] = {}
         for n, p in self.opt_params:
             st = self.optimizer.state.get(p)
@@ -358,6 +393,10 @@ class Trainer:
 
     def load_state(self, weights: Mapping[str, torch.Tensor], optim: Mapping[str, torch.Tensor], step: int, position: int) -> None:
         """Adopt a checkpoint's weights and optimizer state (any split: looked up by global name)."""
+        if self.flat is not None:
+            self.flat.load(weights, optim)
+            self.step_count, self.position = int(step), int(position)
+            return
         with torch.no_grad():
             for (n, p), (_, mp) in zip(self.named_params, self.opt_params):
                 mp.copy_(weights[n])
