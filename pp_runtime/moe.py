@@ -11,6 +11,11 @@ values on the host, so a MoE step can be captured as a CUDA graph like a dense o
   E/k times the FLOPs), and on CPU a loop over the groups (`grouped_mm_loop`, exact, float64 too);
 - the outputs are gathered back per (token, choice) and summed with the routing weights.
 
+At decode (at most `GEMV_MAX_TOKENS` rows, inference only, CUDA with Triton) the "gemv" backend
+runs instead: two Triton kernels (pp_runtime.moe_gemv) that read only the experts some real token
+was routed to, where grouped_mm streams all E experts' weights whatever the routing (at one token,
+top-2 of 8: 2 experts' bytes instead of 8).
+
 Experts are stacked per layer (`experts.w1: [E, hidden, dim]`, ...), while checkpoints keep one
 tensor per expert (`experts.3.w1.weight`), as Mistral and Hugging Face write them:
 `unstack_experts` / `stack_experts_` convert between the two.
@@ -21,6 +26,7 @@ Each layer also counts the tokens routed to each expert in a device buffer (`exp
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import re
 from contextlib import contextmanager
@@ -36,6 +42,13 @@ from pp_runtime.errors import CheckpointError
 from pp_runtime.weight_grad import Linear
 
 GROUP_ALIGN = 16  # rows per expert group: torch's grouped GEMM asserts group sizes of 16-byte multiples
+# Most rows for the routed-experts ("gemv") backend. It reads the union of the routed experts' weights,
+# grouped_mm all E of them; with T tokens routed at random that union is E (1 - (1 - k/E)^T) experts
+# (Mixtral: 2, 3.5, 5.5, 7.2, 7.9 of 8 for T = 1, 2, 4, 8, 16), so the saving is gone by T = 16, where
+# grouped_mm's tensor-core GEMM becomes the better kernel. 16 is also the fast path's smallest token
+# bucket: a decode step of a few sequences is 16 rows, the padding ones routed nowhere (`valid_tokens`).
+GEMV_MAX_TOKENS = 16
+GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 # ---------------------------------------------------------------------------------- routing layouts
 
@@ -102,10 +115,25 @@ def uses_grouped_gemm(x: torch.Tensor, hidden_dim: int) -> bool:
             and _has_grouped_gemm(x.device))
 
 
-def pick_backend(x: torch.Tensor, hidden_dim: int) -> str:
-    """"loop" on CPU, "grouped_mm" where `uses_grouped_gemm`, "bmm" on other GPUs and dtypes."""
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def uses_gemv(x: torch.Tensor, needs_grad: bool = False) -> bool:
+    """Whether the routed-experts kernels run: CUDA, bf16/fp16 rows with unit stride, at most
+    `GEMV_MAX_TOKENS` of them, Triton installed, and no gradient wanted (they have no backward)."""
+    return (x.is_cuda and not needs_grad and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS
+            and x.dtype in GEMV_DTYPES and x.stride(-1) == 1 and _has_triton())
+
+
+def pick_backend(x: torch.Tensor, hidden_dim: int, needs_grad: bool = False) -> str:
+    """"loop" on CPU; on CUDA "gemv" at decode sizes (`uses_gemv`), else "grouped_mm" where
+    `uses_grouped_gemm`, else "bmm". `needs_grad`: autograd will want gradients through the experts."""
     if x.device.type == "cpu":
         return "loop"
+    if uses_gemv(x, needs_grad):
+        return "gemv"
     return "grouped_mm" if uses_grouped_gemm(x, hidden_dim) else "bmm"
 
 
@@ -117,9 +145,18 @@ def experts_forward(
     w2: torch.Tensor,
     w3: torch.Tensor,
     backend: str,
+    valid_tokens: Optional[torch.Tensor | int] = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * w2_e(silu(w1_e x_t) * w3_e x_t) with e = experts[t, j]: x [T, dim],
-    experts / weights [T, k], stacked w* [E, out, in]. `backend`: see `pick_backend`."""
+    experts / weights [T, k], stacked w* [E, out, in]. `backend`: see `pick_backend`.
+
+    `valid_tokens` (an int or a 0-d device tensor): only the leading rows are real tokens. The
+    "gemv" backend routes the others nowhere (their rows are zeros, and their experts are not read);
+    the other backends compute every row."""
+    if backend == "gemv":
+        from pp_runtime.moe_gemv import routed_experts_forward
+
+        return routed_experts_forward(x, experts, weights, w1, w2, w3, valid_tokens)
     t, k = experts.shape
     n_experts, dim = w1.shape[0], x.shape[-1]
     flat = experts.reshape(-1)
@@ -183,7 +220,9 @@ class MoeFeedForward(nn.Module):
         weights = F.softmax(upcast, dim=-1).type_as(x)
         self._count(experts, valid_tokens)
         e = self.experts
-        return experts_forward(x, experts, weights, e.w1, e.w2, e.w3, pick_backend(x, self.hidden_dim))
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (x, e.w1, e.w2, e.w3))
+        backend = pick_backend(x, self.hidden_dim, needs_grad)
+        return experts_forward(x, experts, weights, e.w1, e.w2, e.w3, backend, valid_tokens)
 
     def _count(self, experts: torch.Tensor, valid_tokens: Optional[torch.Tensor | int]) -> None:
         # an activation-checkpointing recompute runs inside backward: its tokens were counted already
