@@ -38,6 +38,7 @@ from pp_runtime.train_data import PackedDataset, check_batch_shape, validate_tok
 from pp_runtime.train_metrics import MetricSinks, check_loggers, draw_loss_curve
 from pp_runtime.train_progress import TrainProgress
 from pp_runtime.trainer import StepStats, TrainConfig, Trainer, truncate_metrics
+from pp_runtime import lora
 from pp_runtime import train_checkpoint as tc
 
 
@@ -200,8 +201,10 @@ class Job:
     resumed_from: Optional[Path]
     metrics_path: Path
     definition: dict[str, Any]  # what makes this run this run (run_definition), stored in every manifest
+    lora: Optional[lora.LoraConfig]  # LoRA adapters on a frozen base (train.lora.rank > 0), else None
     notes: list[str]  # start-up remarks for rank 0 to print
     questions: list[Question]
+    export_format: str = "consolidated"  # or "peft" (LoRA only): the adapter alone, in PEFT's format
 
 
 def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dtype: torch.dtype,
@@ -237,6 +240,11 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     check_output_dir(out_dir, "out_dir")  # before any step: an unwritable folder must not cost the training
     check_output_dir(ckpt_root, "checkpoint.dir")
     dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+    lcfg = lora.lora_config(cfg.train.get("lora"))
+    export_format = lora.export_format(cfg, lcfg)
+    if cfg.model.get("adapter"):
+        raise ConfigError("model.adapter applies to inference (launch/infer.py, batch_infer.py); to fine-tune a merged "
+                          "model, export it first, or train a new adapter with train.lora.rank=N")
     definition = run_definition(cfg, source, tcfg, data, dtype)
     resume = tc.resolve_resume(cfg.get("resume"), ckpt_root)
     manifest, notes = None, []
@@ -253,7 +261,10 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
             )
         if changed:
             notes.append(f"note: resuming {resume} with settings that differ from the run that saved it: {'; '.join(changed)}")
-    stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None)
+    # with LoRA the frozen base weights come from the model source also when resuming (checkpoints hold adapters)
+    stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None and lcfg is None)
+    if lcfg is not None:
+        lora.apply_to_stages(stages, lcfg, source.args)
     metrics_path = resolve_path(cfg.metrics.get("file")) or out_dir / "metrics.jsonl"
     check_loggers(cfg.metrics)
     questions = eval_questions(cfg)
@@ -265,8 +276,9 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
                                 required=int(manifest["step"]) > 0)
         trainer.load_state(weights, optim, step=int(manifest["step"]), position=int(manifest["data"]["position"]))
         tc.load_rng(resume, ctx.pp_rank, ctx.device)
-    return Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path,
-               definition, notes, questions)
+    job = Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path,
+              definition, lcfg, notes, questions, export_format)
+    return job
 
 
 # ---------------------------------------------------------------------------------- running
@@ -275,7 +287,7 @@ def save(job: Job, cfg: DictConfig) -> Path:
     shards = {}
     weights, optim = t.weights_of_record(), t.optimizer_state()
     for s, module in t.stages.items():
-        names = {n for n, _ in module.named_parameters()}
+        names = {n for n, p in module.named_parameters() if p.requires_grad}  # LoRA: the adapters only
         shards[s] = ({n: weights[n] for n in names}, {k: v for k, v in optim.items() if k.rsplit(".", 1)[0] in names})
     return tc.save_train_checkpoint(
         job.ckpt_root, step=t.step_count, shards=shards, stages=job.plan.stages, args=job.source.args,
@@ -315,6 +327,8 @@ def run(cfg: DictConfig) -> int:
         print(f"model: {n_params / 1e6:.2f}M parameters; {ctx.pp_size} stage(s) x {ctx.dp_size} replica(s), "
               f"schedule {job.schedule.name} with {job.schedule.n_microbatches} micro-batches "
               f"(simulated bubble {sim.bubble_fraction:.3f})\n{job.plan.describe()}\n{startup_line()}", flush=True)
+        if job.lora is not None:
+            print(lora.describe(job.lora, job.source.args), flush=True)
         for note in job.notes:
             print(note, flush=True)
         print(f"data: {len(job.data)} rows of {job.data.seq_len} tokens; "
@@ -360,10 +374,22 @@ def run(cfg: DictConfig) -> int:
     if export is not None:
         if ctx.rank == 0:
             dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)  # default: the model dtype
-            out = tc.export_checkpoint(last_saved, export, tokenizer=job.tokenizer.path, dtype=dtype)
-            print(f"exported step {t.step_count} to {out} (params.json, consolidated.safetensors, tokenizer.model)"
-                  + _export_provenance(first_step, t.step_count, job.resumed_from)
-                  + f"; try: launch/infer.py model.path={out}", flush=True)
+            if job.export_format == "peft":
+                from pp_runtime.peft_export import export_peft
+
+                out = export_peft(last_saved, export, dtype=resolve_dtype(cfg.export_dtype, ctx.device)
+                                  if cfg.get("export_dtype") else None)
+                try_it = (f"launch/infer.py model.path={job.source.path} model.adapter={out}" if job.source.path
+                          else f"launch/infer.py model=random model.preset=... model.adapter={out}")
+                print(f"exported step {t.step_count}'s LoRA adapter to {out} (PEFT format: adapter_config.json, "
+                      f"adapter_model.safetensors)" + _export_provenance(first_step, t.step_count, job.resumed_from)
+                      + f"; try: {try_it}", flush=True)
+            else:
+                out = tc.export_checkpoint(last_saved, export, tokenizer=job.tokenizer.path, dtype=dtype)
+                merged = " with the LoRA adapters merged" if job.lora is not None else ""
+                print(f"exported step {t.step_count} to {out} (params.json, consolidated.safetensors, tokenizer.model)"
+                      + merged + _export_provenance(first_step, t.step_count, job.resumed_from)
+                      + f"; try: launch/infer.py model.path={out}", flush=True)
         if ctx.distributed:
             dist.barrier()
         if job.questions:
@@ -394,7 +420,14 @@ def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> 
     """Answer the eval questions with the export on this job's ranks; rank 0 prints the accuracy."""
     ctx = job.ctx
     dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)
-    result = evaluate(ctx, export, job.questions, dtype)
+    if job.export_format == "peft":  # the base model with the adapter applied at load, as inference does
+        if job.source.path is None:
+            if ctx.rank == 0:
+                print("eval: skipped (a PEFT export of a model trained from scratch has no base folder to load)", flush=True)
+            return
+        result = evaluate(ctx, job.source.path, job.questions, dtype, adapter=export)
+    else:
+        result = evaluate(ctx, export, job.questions, dtype)
     if result is None:
         return
     where = out_dir / "eval.jsonl"

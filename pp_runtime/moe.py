@@ -25,7 +25,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -117,9 +117,13 @@ def experts_forward(
     w2: torch.Tensor,
     w3: torch.Tensor,
     backend: str,
+    adapters: Optional[Mapping[str, Callable]] = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * w2_e(silu(w1_e x_t) * w3_e x_t) with e = experts[t, j]: x [T, dim],
-    experts / weights [T, k], stacked w* [E, out, in]. `backend`: see `pick_backend`."""
+    experts / weights [T, k], stacked w* [E, out, in]. `backend`: see `pick_backend`.
+
+    `adapters` ("w1" / "w2" / "w3" -> f(rows, mm)) adds f's output to that projection (LoRA,
+    `pp_runtime.lora.ExpertLora`), computed with the same grouped matmul on the same rows."""
     t, k = experts.shape
     n_experts, dim = w1.shape[0], x.shape[-1]
     flat = experts.reshape(-1)
@@ -134,6 +138,14 @@ def experts_forward(
 
         def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return gmm(a, w.transpose(-2, -1), offs=layout.offs)
+
+    if adapters:
+        base_mm = mm
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the same, plus the adapter
+            out = base_mm(a, w)
+            name = "w1" if w is w1 else "w2" if w is w2 else "w3" if w is w3 else None
+            return out if name not in adapters else out + adapters[name](a, base_mm)
 
     pairs = x.unsqueeze(1).expand(t, k, dim).reshape(t * k, dim)
     buf = x.new_zeros(layout.n_rows, dim).index_copy(0, layout.rows, pairs)
@@ -183,7 +195,9 @@ class MoeFeedForward(nn.Module):
         weights = F.softmax(upcast, dim=-1).type_as(x)
         self._count(experts, valid_tokens)
         e = self.experts
-        return experts_forward(x, experts, weights, e.w1, e.w2, e.w3, pick_backend(x, self.hidden_dim))
+        adapters = {w: getattr(e, f"lora_{w}") for w in ("w1", "w2", "w3") if hasattr(e, f"lora_{w}")}
+        return experts_forward(x, experts, weights, e.w1, e.w2, e.w3, pick_backend(x, self.hidden_dim),
+                               adapters or None)
 
     def _count(self, experts: torch.Tensor, valid_tokens: Optional[torch.Tensor | int]) -> None:
         # an activation-checkpointing recompute runs inside backward: its tokens were counted already
