@@ -416,8 +416,8 @@ def describe(cfg: LoraConfig, args: ModelArgs) -> str:
     total = sum(p.numel() for p in model.parameters())
     apply_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    where = ", ".join(cfg.targets) + (" (every expert's w1/w2/w3)" if args.is_moe and set(cfg.targets) & set(FFN_TARGETS)
+    where = ", ".join(cfg.targets) + (" (every expert's)" if args.is_moe and set(cfg.targets) & set(FFN_TARGETS)
                                       else "")
     return (f"LoRA: rank {cfg.rank}, alpha {cfg.alpha:g} (scale {cfg.scale:g}), dropout {cfg.dropout:g} on {where}: "
-            f"{trainable / 1e6:.3f}M trainable parameters ({100 * trainable / total:.2f}% of {total / 1e6:.2f}M, "
-            "which stay frozen)")
+            f"{trainable / 1e6:.3f}M trainable parameters beside {total / 1e6:.2f}M frozen ones "
+            f"({100 * trainable / total:.2f}%)")
