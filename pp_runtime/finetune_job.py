@@ -272,6 +272,8 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     if resume is not None:
         names = [n for n, _ in trainer.named_params]
         weights = tc.load_tensors(resume, names, kind="weights", manifest=manifest, device=ctx.device)
+        if lcfg is not None:  # resume=DIR with another rank: say so instead of failing in a copy
+            lora.check_resumed_shapes(weights, trainer.named_params, resume)
         optim = tc.load_tensors(resume, tc.optim_keys(names), kind="optim", manifest=manifest, device=ctx.device,
                                 required=int(manifest["step"]) > 0)
         trainer.load_state(weights, optim, step=int(manifest["step"]), position=int(manifest["data"]["position"]))

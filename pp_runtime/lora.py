@@ -406,6 +406,15 @@ def apply_to_stages(stages: Mapping[int, nn.Module], cfg: LoraConfig, args: Mode
         apply_lora(m, cfg)
 
 
+def check_resumed_shapes(saved: Mapping[str, torch.Tensor], params, path: Path) -> None:
+    """Adapters of a checkpoint resumed with other LoRA settings (resume=DIR) must have this run's shapes."""
+    for name, p in params:
+        if name in saved and tuple(saved[name].shape) != tuple(p.shape):
+            raise CheckpointError(f"checkpoint {path} holds {name} of shape {list(saved[name].shape)} but this run's is "
+                                  f"{list(p.shape)}: resume it with its own train.lora.rank (checkpoint: "
+                                  f"{saved[name].shape[-2 if name.endswith(('lora_A', 'lora_A.weight')) else -1]})")
+
+
 def describe(cfg: LoraConfig, args: ModelArgs) -> str:
     """Rank 0's start-up line: the adapters and how many parameters they train."""
     from pp_runtime.checkpoint import full_spec

@@ -117,7 +117,18 @@ def test_dropout_is_reproduced_by_activation_checkpointing():
         model(tokens, meta, logits="all").logsumexp(-1).sum().backward()
         return torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
 
-    with_ckpt, without = grads(0.5, True), grads(0.5, False)
+    with_ckpt, without = one_thread(grads, 0.5, True), one_thread(grads, 0.5, False)
     torch.testing.assert_close(with_ckpt, without, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(without, grads(0.0, False))
     torch.testing.assert_close(grads(0.5, False, train=False), grads(0.0, False, train=False), rtol=0, atol=0)
+
+
+def test_resuming_adapters_of_another_rank_deliberately_is_a_clear_error(uninterrupted, tiny_ckpt, data_file,  # noqa: F811
+                                                                         tmp_path):
+    from pp_runtime.finetune_job import run
+
+    step = uninterrupted / "checkpoints" / "step_00000004"
+    with pytest.raises(CheckpointError, match=r"holds layers\.0\.attention\.wq\.lora_A\.weight of shape \[4, 64\] but "
+                                              r"this run's is \[8, 64\]: resume it with its own train\.lora\.rank"):
+        one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, tmp_path, f"resume={step}",
+                                                     "train.lora.rank=8", "train.steps=6")))
