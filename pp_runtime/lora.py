@@ -23,13 +23,13 @@ a half-precision model); checkpoints store only them. Export merges them into th
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pp_runtime.args import ModelArgs
@@ -214,16 +214,6 @@ def is_adapter(name: str) -> bool:
     return ".lora_" in name
 
 
-def lora_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name of the weight the adapter belongs to, LoraLinear / ExpertLora) of a stage."""
-    for name, m in module.named_modules():
-        if isinstance(m, LoraLinear):
-            yield f"{name}.weight", m
-        elif isinstance(m, ExpertLora):
-            owner, attr = name.rsplit(".", 1)
-            yield f"{owner}.{attr.removeprefix('lora_')}", m
-
-
 @torch.no_grad()
 def merge_lora_(module: nn.Module) -> None:
     """Fold every adapter into its weight (in float32, then the weight's dtype) and remove the adapters:
@@ -256,8 +246,6 @@ def merged_tensor(base: torch.Tensor, name: str, adapters: Mapping[str, torch.Te
 def adapter_pair(name: str, adapters: Mapping[str, torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The (A, B) of checkpoint tensor `name` (`layers.0.attention.wq.weight`, or one expert's
     `layers.0.feed_forward.experts.3.w1.weight`) from adapters under our training names."""
-    import re
-
     m = re.match(r"^(.*\.experts)\.(\d+)\.(w[123])\.weight$", name)
     if m is not None:
         prefix = f"{m.group(1)}.lora_{m.group(3)}"
@@ -370,13 +358,6 @@ def export_merged(path: str | Path, out: str | Path, *, tokenizer: Optional[str 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
             "float64": torch.float64}.get(name, torch.float32)
-
-
-def trainable_summary(stages: Mapping[int, nn.Module]) -> tuple[int, int]:
-    """(trainable, total) parameters of this rank's stages."""
-    trainable = sum(p.numel() for m in stages.values() for p in m.parameters() if p.requires_grad)
-    total = sum(p.numel() for m in stages.values() for p in m.parameters())
-    return trainable, total
 
 
 # ---------------------------------------------------------------------------------- the job's use

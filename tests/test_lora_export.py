@@ -25,7 +25,7 @@ from pp_runtime.attention_meta import build_training_meta
 from pp_runtime.checkpoint import full_spec, load_stage_module, save_hf_checkpoint
 from pp_runtime.config import load_config
 from pp_runtime.errors import CheckpointError, ConfigError
-from pp_runtime.lora import LoraConfig, apply_lora, lora_config
+from pp_runtime.lora import LoraConfig, apply_lora, lora_config, merge_lora_
 from pp_runtime.partition import plan_for
 from pp_runtime.peft_export import export_peft, write_peft_adapter
 
@@ -127,6 +127,11 @@ def test_merged_export_equals_base_plus_adapter(lora_run):
         plain = load_stage_module(base, args, full_spec(args), f64).eval()(_tokens(args), _meta(args), logits="all")
     torch.testing.assert_close(merged, ours, rtol=1e-5, atol=1e-5)
     assert float((plain - ours).abs().max()) > 1e-2  # the adapter does change the model
+    folded = base_plus_adapter(base, ckpt, dtype=f64)
+    merge_lora_(folded)  # in memory: the adapters folded into the weights and removed
+    assert not [n for n, _ in folded.named_parameters() if ".lora_" in n]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(_tokens(args), _meta(args), logits="all"), ours, rtol=1e-9, atol=1e-9)
     # the offline export command merges too
     again = out / "export-again"
     assert tc.main(["export", str(out / "checkpoints"), str(again)]) == 0

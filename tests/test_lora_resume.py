@@ -13,7 +13,7 @@ import torch
 from pp_runtime import train_checkpoint as tc
 from pp_runtime.config import load_config
 from pp_runtime.errors import CheckpointError
-from test_lora_export import data_file, one_thread  # noqa: F401 - the fixture
+from test_lora_export import data_file, one_thread  # noqa: F401,F811 - data_file: the fixture
 from test_train_checkpoint import _spawn, losses
 
 STEPS = 4
