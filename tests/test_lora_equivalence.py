@@ -200,3 +200,40 @@ def test_lora_steps_match_hand_written_reference_on_two_stages():
         ("zb-v", 2, "tiny", ("wo", "w1", "w2", "w3")),
         ("interleaved-zb", 2, "tiny-moe", ("wq", "wv", "w2"), True),
     ]), nprocs=2, join=True, start_method="fork")
+
+
+@pytest.mark.parametrize("backend", ["loop", "bmm"])
+def test_expert_adapters_equal_merged_expert_weights(backend):
+    """Each expert's adapter through the experts' own matmul backend (the CPU loop, and the batched
+    matmul GPUs without grouped GEMM use) == that expert's weight with s * B @ A added: outputs and
+    the gradients of x and of A, B (the merged weights' gradient pulled back by hand)."""
+    from pp_runtime.args import MoeArgs
+    from pp_runtime.moe import MoeFeedForward, experts_forward
+
+    args = preset("tiny-moe", moe=MoeArgs(4, 2))
+    torch.manual_seed(0)
+    moe = MoeFeedForward(args).double()
+    apply_lora(moe, LoraConfig(rank=3, alpha=6.0, targets=("w1", "w2", "w3")))
+    e = moe.experts
+    with torch.no_grad():
+        for w in ("w1", "w2", "w3"):
+            getattr(e, f"lora_{w}").lora_B.normal_(0, 0.1)
+    x = torch.randn(11, args.dim, dtype=torch.float64, requires_grad=True)
+    top, experts = torch.topk(moe.gate(x), 2, dim=-1)
+    weights = torch.softmax(top, -1).detach()
+    adapters = {w: getattr(e, f"lora_{w}") for w in ("w1", "w2", "w3")}
+    out = experts_forward(x, experts, weights, e.w1, e.w2, e.w3, backend, adapters)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    got = [x.grad.clone()] + [p.grad.clone() for a in adapters.values() for p in (a.lora_A, a.lora_B)]
+
+    x2 = x.detach().clone().requires_grad_(True)
+    ab = {w: (a.lora_A.detach().clone().requires_grad_(True), a.lora_B.detach().clone().requires_grad_(True))
+          for w, a in adapters.items()}
+    merged = {w: getattr(e, w).detach() + 2.0 * torch.bmm(b, a) for w, (a, b) in ab.items()}
+    ref = experts_forward(x2, experts, weights, merged["w1"], merged["w2"], merged["w3"], "loop")
+    ref.backward(grad_out)
+    want = [x2.grad] + [t.grad for pair in ab.values() for t in pair]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
