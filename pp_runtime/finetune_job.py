@@ -269,6 +269,8 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     check_loggers(cfg.metrics)
     questions = eval_questions(cfg)
     trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path, console=False)
+    if lcfg is not None:  # MFU: the frozen weights get no gradient
+        trainer.flops_per_token = lora.flops_per_token(args, data.seq_len)
     if resume is not None:
         names = [n for n, _ in trainer.named_params]
         weights = tc.load_tensors(resume, names, kind="weights", manifest=manifest, device=ctx.device)
