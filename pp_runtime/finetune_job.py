@@ -280,9 +280,8 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
                                 required=int(manifest["step"]) > 0)
         trainer.load_state(weights, optim, step=int(manifest["step"]), position=int(manifest["data"]["position"]))
         tc.load_rng(resume, ctx.pp_rank, ctx.device)
-    job = Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path,
-              definition, lcfg, notes, questions, export_format)
-    return job
+    return Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path,
+               definition, lcfg, notes, questions, export_format)
 
 
 # ---------------------------------------------------------------------------------- running
