@@ -42,6 +42,9 @@ def result_settings(cfg: DictConfig) -> dict[str, Any]:
     model = {"path": str(path) if path is not None else None, "dtype": str(cfg.model.dtype)}
     if path is None:
         model.update(preset=cfg.model.get("preset"), seed=cfg.model.get("seed"))
+    adapter = resolve_path(cfg.model.get("adapter"))
+    if adapter is not None:  # a LoRA adapter changes every result (absent: the same identity as before adapters)
+        model["adapter"] = str(adapter)
     return {
         "model": model,
         "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),

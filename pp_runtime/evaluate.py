@@ -77,9 +77,10 @@ def demo_questions(n: int, seed: int = 0) -> list[Question]:
     return [Question(e.prompt, e.answer) for e in task.heldout_examples(n, seed=seed)]
 
 
-def evaluate(ctx: ParallelContext, model_dir: Path, questions: Sequence[Question], dtype: torch.dtype) -> Optional[EvalResult]:
+def evaluate(ctx: ParallelContext, model_dir: Path, questions: Sequence[Question], dtype: torch.dtype,
+             adapter: Optional[Path] = None) -> Optional[EvalResult]:
     """Every rank serves its stage of `model_dir` (split like an inference run over this job's
-    ranks); each replica answers every dp_size-th question. Rank 0 returns the result, others None.
+    ranks), with a LoRA `adapter` folder merged in; each replica answers every dp_size-th question. Rank 0 returns the result, others None.
 
     An answer is right when the completion, stripped, equals the expected one and generation
     stopped at EOS (at most the answer's length + 2 tokens are generated)."""
@@ -90,6 +91,10 @@ def evaluate(ctx: ParallelContext, model_dir: Path, questions: Sequence[Question
         source = ModelSource(load_model_args(model_dir), model_dir)
         spec = plan_for(source.args, ctx.pp_size).stages[ctx.pp_rank]
         module = source.build_stage(spec, dtype, ctx.device)
+        if adapter is not None:  # a PEFT LoRA adapter, merged at load as inference does
+            from pp_runtime.peft_export import apply_peft_adapter_
+
+            apply_peft_adapter_(module, adapter, source.args)
         icfg = InferenceConfig().resolved(source.args, ctx.pp_size)
         tokenizer = load_tokenizer(source) if ctx.is_first else None
         return StageRunner(source.args, module, icfg, ctx.device, dtype), tokenizer

@@ -39,6 +39,7 @@ from pp_runtime.train_data import PackedDataset, check_batch_shape, validate_tok
 from pp_runtime.train_metrics import MetricSinks, check_loggers, draw_loss_curve
 from pp_runtime.train_progress import TrainProgress
 from pp_runtime.trainer import StepStats, TrainConfig, Trainer, truncate_metrics
+from pp_runtime import lora
 from pp_runtime import train_checkpoint as tc
 
 
@@ -209,8 +210,10 @@ class Job:
     resumed_from: Optional[Path]
     metrics_path: Path
     definition: dict[str, Any]  # what makes this run this run (run_definition), stored in every manifest
+    lora: Optional[lora.LoraConfig]  # LoRA adapters on a frozen base (train.lora.rank > 0), else None
     notes: list[str]  # start-up remarks for rank 0 to print
     questions: list[Question]
+    export_format: str = "consolidated"  # or "peft" (LoRA only): the adapter alone, in PEFT's format
 
 
 def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dtype: torch.dtype,
@@ -249,6 +252,11 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     if tcfg.optimizer == "cpu_adam" and dtype == torch.float64:
         raise ConfigError("train.optimizer=cpu_adam keeps float32 master weights (DeepSpeed's CPU Adam); "
                           "use model.dtype=float32 or bfloat16, or train.optimizer=adamw for float64")
+    lcfg = lora.lora_config(cfg.train.get("lora"))
+    export_format = lora.export_format(cfg, lcfg)
+    if cfg.model.get("adapter"):
+        raise ConfigError("model.adapter applies to inference (launch/infer.py, batch_infer.py); to fine-tune a merged "
+                          "model, export it first, or train a new adapter with train.lora.rank=N")
     definition = run_definition(cfg, source, tcfg, data, dtype)
     resume = tc.resolve_resume(cfg.get("resume"), ckpt_root)
     manifest, notes = None, []
@@ -265,29 +273,36 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
             )
         if changed:
             notes.append(f"note: resuming {resume} with settings that differ from the run that saved it: {'; '.join(changed)}")
-    memory = memory_plan(cfg, args, plan, schedule, tcfg, ctx, dtype)
+    memory = memory_plan(cfg, args, plan, schedule, tcfg, ctx, dtype, lcfg)
     notes.append(memory.describe())
     if tcfg.zero and ctx.dp_size == 1:
         notes.append("note: train.zero=1 with one replica shards nothing (pipeline.data_parallel=1)")
     free = device_free_bytes(ctx.device)
     if free is not None and bool(cfg.train.get("memory_check", True)):
         memory.check(ctx.pp_rank, free, pp_size=ctx.pp_size, dp_size=ctx.dp_size)
-    stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None)
+    # with LoRA the frozen base weights come from the model source also when resuming (checkpoints hold adapters)
+    stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None and lcfg is None)
+    if lcfg is not None:
+        lora.apply_to_stages(stages, lcfg, source.args)
     metrics_path = resolve_path(cfg.metrics.get("file")) or out_dir / "metrics.jsonl"
     check_loggers(cfg.metrics)
     questions = eval_questions(cfg)
     trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path, console=False)
+    if lcfg is not None:  # MFU: the frozen weights get no gradient
+        trainer.flops_per_token = lora.flops_per_token(args, data.seq_len)
     if resume is not None:
         names = [n for n, _ in trainer.named_params]
         # the flat step keeps a slice of the state: read the full tensors into host memory, not the device
         where = torch.device("cpu") if trainer.flat is not None else ctx.device
         weights = tc.load_tensors(resume, names, kind="weights", manifest=manifest, device=where)
+        if lcfg is not None:  # resume=DIR with another rank: say so instead of failing in a copy
+            lora.check_resumed_shapes(weights, trainer.named_params, resume)
         optim = tc.load_tensors(resume, tc.optim_keys(names), kind="optim", manifest=manifest, device=where,
                                 required=int(manifest["step"]) > 0)
         trainer.load_state(weights, optim, step=int(manifest["step"]), position=int(manifest["data"]["position"]))
         tc.load_rng(resume, ctx.pp_rank, ctx.device)
     return Job(ctx, source, plan, schedule, trainer, tokenizer, data, ckpt_root, resume, metrics_path,
-               definition, notes, questions)
+               definition, lcfg, notes, questions, export_format)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -296,7 +311,7 @@ def save(job: Job, cfg: DictConfig) -> Path:
     shards = {}
     weights, optim = t.weights_of_record(), t.optimizer_state()  # collective under ZeRO-1 ({} on replicas > 0)
     for s, module in t.stages.items():
-        names = {n for n, _ in module.named_parameters()}
+        names = {n for n, p in module.named_parameters() if p.requires_grad}  # LoRA: the adapters only
         shards[s] = ({n: weights[n] for n in names if n in weights},
                      {k: v for k, v in optim.items() if k.rsplit(".", 1)[0] in names})
     return tc.save_train_checkpoint(
@@ -337,6 +352,8 @@ def run(cfg: DictConfig) -> int:
         print(f"model: {n_params / 1e6:.2f}M parameters; {ctx.pp_size} stage(s) x {ctx.dp_size} replica(s), "
               f"schedule {job.schedule.name} with {job.schedule.n_microbatches} micro-batches "
               f"(simulated bubble {sim.bubble_fraction:.3f})\n{job.plan.describe()}\n{startup_line()}", flush=True)
+        if job.lora is not None:
+            print(lora.describe(job.lora, job.source.args), flush=True)
         for note in job.notes:
             print(note, flush=True)
         print(f"data: {len(job.data)} rows of {job.data.seq_len} tokens; "
@@ -382,10 +399,22 @@ def run(cfg: DictConfig) -> int:
     if export is not None:
         if ctx.rank == 0:
             dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)  # default: the model dtype
-            out = tc.export_checkpoint(last_saved, export, tokenizer=job.tokenizer.path, dtype=dtype)
-            print(f"exported step {t.step_count} to {out} (params.json, consolidated.safetensors, tokenizer.model)"
-                  + _export_provenance(first_step, t.step_count, job.resumed_from)
-                  + f"; try: launch/infer.py model.path={out}", flush=True)
+            if job.export_format == "peft":
+                from pp_runtime.peft_export import export_peft
+
+                out = export_peft(last_saved, export, dtype=resolve_dtype(cfg.export_dtype, ctx.device)
+                                  if cfg.get("export_dtype") else None)
+                try_it = (f"launch/infer.py model.path={job.source.path} model.adapter={out}" if job.source.path
+                          else f"launch/infer.py model=random model.preset=... model.adapter={out}")
+                print(f"exported step {t.step_count}'s LoRA adapter to {out} (PEFT format: adapter_config.json, "
+                      f"adapter_model.safetensors)" + _export_provenance(first_step, t.step_count, job.resumed_from)
+                      + f"; try: {try_it}", flush=True)
+            else:
+                out = tc.export_checkpoint(last_saved, export, tokenizer=job.tokenizer.path, dtype=dtype)
+                merged = " with the LoRA adapters merged" if job.lora is not None else ""
+                print(f"exported step {t.step_count} to {out} (params.json, consolidated.safetensors, tokenizer.model)"
+                      + merged + _export_provenance(first_step, t.step_count, job.resumed_from)
+                      + f"; try: launch/infer.py model.path={out}", flush=True)
         if ctx.distributed:
             dist.barrier()
         if job.questions:
@@ -416,7 +445,14 @@ def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> 
     """Answer the eval questions with the export on this job's ranks; rank 0 prints the accuracy."""
     ctx = job.ctx
     dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)
-    result = evaluate(ctx, export, job.questions, dtype)
+    if job.export_format == "peft":  # the base model with the adapter applied at load, as inference does
+        if job.source.path is None:
+            if ctx.rank == 0:
+                print("eval: skipped (a PEFT export of a model trained from scratch has no base folder to load)", flush=True)
+            return
+        result = evaluate(ctx, job.source.path, job.questions, dtype, adapter=export)
+    else:
+        result = evaluate(ctx, export, job.questions, dtype)
     if result is None:
         return
     where = out_dir / "eval.jsonl"
@@ -431,12 +467,15 @@ def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> 
 
 
 def memory_plan(cfg: DictConfig, args: ModelArgs, plan: StagePlan, schedule: Schedule, tcfg: TrainConfig,
-                ctx: ParallelContext, dtype: torch.dtype) -> MemoryPlan:
-    """The start-up memory estimate of every pipeline rank (pp_runtime/memory_plan.py)."""
+                ctx: ParallelContext, dtype: torch.dtype, lcfg: Optional[lora.LoraConfig]) -> MemoryPlan:
+    """The start-up memory estimate of every pipeline rank (pp_runtime/memory_plan.py); with LoRA only
+    the adapters train."""
     rows = tcfg.batch_size // (ctx.dp_size * schedule.n_microbatches)
+    trainable = None if lcfg is None else [
+        sum(lora.parameter_counts(args, lcfg, spec)[1] for spec in plan.for_rank(r)) for r in range(plan.n_ranks)]
     return plan_memory(args, plan, schedule, dtype=dtype, tokens_per_microbatch=rows * int(cfg.data.seq_len),
                        dp_size=ctx.dp_size, zero=bool(tcfg.zero), optimizer=tcfg.optimizer, master=tcfg.master_weights,
-                       activation_checkpointing=tcfg.activation_checkpointing)
+                       activation_checkpointing=tcfg.activation_checkpointing, trainable=trainable)
 
 
 def _meta_model(args: ModelArgs) -> StageModule:

@@ -53,6 +53,13 @@ def setup_inference(cfg: DictConfig, ctx: Optional[ParallelContext] = None) -> I
                 check_input_file(resolve_path(cfg.input))
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
         module = source.build_stage(plan.stages[ctx.pp_rank], dtype, ctx.device)
+        adapter = resolve_path(cfg.model.get("adapter"))
+        if adapter is not None:  # a LoRA adapter (PEFT format), merged into this stage's weights
+            from pp_runtime.peft_export import apply_peft_adapter_
+
+            apply_peft_adapter_(module, adapter, source.args)
+            if ctx.rank == 0:
+                print(f"LoRA adapter {adapter} merged into the weights", flush=True)
         icfg = InferenceConfig(**cfg.inference).resolved(source.args, ctx.pp_size)
         return InferenceSetup(ctx, source, StageRunner(source.args, module, icfg, ctx.device, dtype), tokenizer)
 

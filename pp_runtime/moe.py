@@ -31,7 +31,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -146,16 +146,22 @@ def experts_forward(
     w3: torch.Tensor,
     backend: str,
     valid_tokens: Optional[torch.Tensor | int] = None,
+    adapters: Optional[Mapping[str, Callable]] = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * w2_e(silu(w1_e x_t) * w3_e x_t) with e = experts[t, j]: x [T, dim],
     experts / weights [T, k], stacked w* [E, out, in]. `backend`: see `pick_backend`.
 
     `valid_tokens` (an int or a 0-d device tensor): only the leading rows are real tokens. The
     "gemv" backend routes the others nowhere (their rows are zeros, and their experts are not read);
-    the other backends compute every row."""
+    the other backends compute every row.
+
+    `adapters` ("w1" / "w2" / "w3" -> f(rows, mm)) adds f's output to that projection (LoRA,
+    `pp_runtime.lora.ExpertLora`), computed with the same grouped matmul on the same rows; the
+    "gemv" backend takes none."""
     if backend == "gemv":
         from pp_runtime.moe_gemv import routed_experts_forward
 
+        assert not adapters, "the gemv backend has no LoRA adapters: merge them first"
         return routed_experts_forward(x, experts, weights, w1, w2, w3, valid_tokens)
     t, k = experts.shape
     n_experts, dim = w1.shape[0], x.shape[-1]
@@ -171,6 +177,14 @@ def experts_forward(
 
         def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return gmm(a, w.transpose(-2, -1), offs=layout.offs)
+
+    if adapters:
+        base_mm = mm
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the same, plus the adapter
+            out = base_mm(a, w)
+            name = "w1" if w is w1 else "w2" if w is w2 else "w3" if w is w3 else None
+            return out if name not in adapters else out + adapters[name](a, base_mm)
 
     pairs = x.unsqueeze(1).expand(t, k, dim).reshape(t * k, dim)
     buf = x.new_zeros(layout.n_rows, dim).index_copy(0, layout.rows, pairs)
@@ -220,9 +234,10 @@ class MoeFeedForward(nn.Module):
         weights = F.softmax(upcast, dim=-1).type_as(x)
         self._count(experts, valid_tokens)
         e = self.experts
+        adapters = {w: getattr(e, f"lora_{w}") for w in ("w1", "w2", "w3") if hasattr(e, f"lora_{w}")}
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (x, e.w1, e.w2, e.w3))
-        backend = pick_backend(x, self.hidden_dim, needs_grad)
-        return experts_forward(x, experts, weights, e.w1, e.w2, e.w3, backend, valid_tokens)
+        backend = pick_backend(x, self.hidden_dim, needs_grad or bool(adapters))  # adapters: not on gemv
+        return experts_forward(x, experts, weights, e.w1, e.w2, e.w3, backend, valid_tokens, adapters or None)
 
     def _count(self, experts: torch.Tensor, valid_tokens: Optional[torch.Tensor | int]) -> None:
         # an activation-checkpointing recompute runs inside backward: its tokens were counted already

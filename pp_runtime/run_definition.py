@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 from omegaconf import DictConfig
 
+from pp_runtime.lora import run_setting as lora_setting
 from pp_runtime.runtime import ModelSource
 from pp_runtime.train_data import PackedDataset
 from pp_runtime.trainer import TrainConfig
@@ -39,6 +40,7 @@ def run_definition(cfg: DictConfig, source: ModelSource, tcfg: TrainConfig, data
         "train.eps": tcfg.eps,
         "train.grad_clip": tcfg.grad_clip,
         "train.master_weights": tcfg.master_weights,
+        "train.lora": lora_setting(cfg),  # rank, alpha, dropout, targets, seed; None when off
     }
 
 

@@ -366,6 +366,10 @@ def export_checkpoint(
     """
     path, out = Path(path), Path(out)
     manifest = read_manifest(path)
+    if (manifest.get("run") or {}).get("train.lora"):  # adapters only: merged into the run's base weights
+        from pp_runtime.lora import export_merged
+
+        return export_merged(path, out, tokenizer=tokenizer, dtype=dtype)
     args = manifest_args(manifest)
     shapes = stage_shapes(args, full_spec(args))
     with ExitStack() as stack:

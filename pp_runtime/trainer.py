@@ -18,7 +18,9 @@ the console line and metrics.jsonl (`schedule_s`, `optimizer_s`, ...): what a pi
 cannot hide shows outside `schedule_s`.
 
 With a bfloat16/float16 model the optimizer keeps float32 master weights (gradients are
-accumulated in the model dtype, then copied to float32 for clipping and the update).
+accumulated in the model dtype, then copied to float32 for clipping and the update). Parameters
+that do not require a gradient (LoRA's frozen base weights, `pp_runtime.lora`) are left out of all
+of it: no gradient, no master copy, no optimizer state, not in checkpoints.
 
 `train.zero=1` shards the master weights and AdamW state over the replicas (steps 1 and 3 become
 a reduce-scatter, a slice update and an all-gather), `train.optimizer=cpu_adam` moves them to host
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from pp_runtime.args import ModelArgs
 from pp_runtime.attention_meta import build_training_meta
 from pp_runtime.comm import EdgeLinks
-from pp_runtime.errors import TrainingError
+from pp_runtime.errors import ConfigError, TrainingError
 from pp_runtime.executor import MicroBatch, PipelineExecutor, pipeline_edges
 from pp_runtime.model import StageModule
 from pp_runtime.moe import ExpertLoad, expert_token_counts
@@ -177,9 +179,13 @@ class Trainer:
         for m in self.stages.values():
             m.train()
             m.activation_checkpointing = cfg.activation_checkpointing
+        # what the optimizer trains: every parameter, or with LoRA (frozen base weights) only the adapters
         self.named_params: list[tuple[str, torch.nn.Parameter]] = [
-            (name, p) for m in self.stages.values() for name, p in m.named_parameters()
+            (name, p) for m in self.stages.values() for name, p in m.named_parameters() if p.requires_grad
         ]
+        if not self.named_params:
+            raise ConfigError(f"pipeline rank {ctx.pp_rank} has nothing to train (its stages hold no trainable "
+                              "parameter, e.g. no LoRA target); use fewer stages or another pipeline.split")
         names = [n for n, _ in self.named_params]
         if len(set(names)) != len(names):
             raise ValueError("local stages share parameter names; stages must hold disjoint layers")

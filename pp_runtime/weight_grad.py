@@ -89,13 +89,14 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict names) whose weight gradient can be postponed.
 
     Until `enable_split_backward` marks it, it is plain `F.linear`, so inference and schedules
-    without W actions run exactly the stock code."""
+    without W actions run exactly the stock code; so is a frozen one (LoRA's base weights): it has
+    no weight gradient to postpone and need not keep its input."""
 
     split_backward: bool = False
     weight_grad_queue: Optional[WeightGradQueue] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split_backward and torch.is_grad_enabled():
+        if self.split_backward and torch.is_grad_enabled() and self.weight.requires_grad:
             return _SplitLinearFn.apply(x, self.weight, self.bias, self)
         return F.linear(x, self.weight, self.bias)
 

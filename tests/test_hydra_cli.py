@@ -104,7 +104,8 @@ def test_a_bad_command_line_is_one_error_line_and_exit_2(name, tmp_path):
 
 @pytest.mark.parametrize("experiment, job, shape", [
     ("finetune_demo", "finetune", None), ("finetune_mistral7b_8gpu", "finetune", "mistral-7b"),
-    ("finetune_mixtral8x7b_8gpu", "finetune", "mixtral-8x7b"), ("batch_infer_mistral7b", "batch_infer", "mistral-7b")])
+    ("finetune_mixtral8x7b_8gpu", "finetune", "mixtral-8x7b"), ("finetune_mixtral8x7b_lora_2gpu", "finetune", "mixtral-8x7b"),
+    ("batch_infer_mistral7b", "batch_infer", "mistral-7b")])
 def test_experiments_compose_into_runnable_shapes(experiment, job, shape):
     """Each experiment composes with its job, and its pipeline, schedule and batch fit its model."""
     from pp_runtime.args import preset
@@ -119,6 +120,9 @@ def test_experiments_compose_into_runnable_shapes(experiment, job, shape):
         check_microbatches(cfg.schedule.name, stages, cfg.schedule.microbatches)
         check_batch_shape(cfg.train.batch_size, cfg.pipeline.data_parallel, cfg.schedule.microbatches)
         simulate(build_schedule(cfg.schedule.name, stages, cfg.schedule.microbatches, cfg.schedule.virtual_stages))
+        from pp_runtime.lora import export_format, lora_config
+
+        export_format(cfg, lora_config(cfg.train.lora))  # LoRA settings and export format agree
     if shape is None:
         assert cfg.model.path is None and cfg.data.path is None  # the demo: model and data built in
     else:
