@@ -222,7 +222,7 @@ def test_expert_adapters_equal_merged_expert_weights(backend):
     top, experts = torch.topk(moe.gate(x), 2, dim=-1)
     weights = torch.softmax(top, -1).detach()
     adapters = {w: getattr(e, f"lora_{w}") for w in ("w1", "w2", "w3")}
-    out = experts_forward(x, experts, weights, e.w1, e.w2, e.w3, backend, adapters)
+    out = experts_forward(x, experts, weights, e.w1, e.w2, e.w3, backend, adapters=adapters)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     got = [x.grad.clone()] + [p.grad.clone() for a in adapters.values() for p in (a.lora_A, a.lora_B)]
