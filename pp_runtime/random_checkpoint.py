@@ -4,7 +4,7 @@
         [--layers N] [--tokenizer PATH | --no-tokenizer]
 
 Only one tensor is in memory at once, so a 7B (14.5 GB in bf16) or 8x7B model can be written on a
-machine with little RAM. The weights equal `checkpoint.random_state_dict(args, seed, dtype)`.
+machine with little RAM. Each weight is `checkpoint.random_tensor(name, shape, seed, dtype)`, seeded by its name.
 
 The folder is ready for inference: it gets a tokenizer.model (`--tokenizer`, else Mistral's v1
 tokenizer from the mistral-common package, a dependency that encodes chat `messages`) and the

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from pp_runtime.args import ModelArgs, preset
-from pp_runtime.checkpoint import random_state_dict, save_mistral_checkpoint
+from ckpt_helpers import random_state_dict, save_mistral_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
