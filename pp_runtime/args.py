@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from pp_runtime.errors import ConfigError
@@ -128,22 +126,6 @@ class ModelArgs:
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelArgs":
-        """Read `params.json` (Mistral) or `config.json` (Hugging Face) from a checkpoint folder."""
-        path = Path(path)
-        if not path.is_dir():
-            raise ConfigError(f"model folder {str(path)!r} does not exist; set model.path to a checkpoint folder")
-        for name, reader in (("params.json", cls.from_params_json), ("config.json", cls.from_hf_config)):
-            f = path / name
-            if f.exists():
-                try:
-                    data = json.loads(f.read_text())
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{f} is not valid JSON ({e})") from None
-                return reader(data)
-        raise ConfigError(f"{path} has neither params.json (Mistral format) nor config.json (Hugging Face format)")
 
 
 def _opt_int(v: Any) -> Optional[int]:

@@ -48,7 +48,7 @@ def setup_inference(cfg: DictConfig, ctx: Optional[ParallelContext] = None) -> I
                   f"{startup_line()}", flush=True)
         tokenizer = None
         if ctx.is_first:
-            tokenizer = load_tokenizer(source, cfg.model.get("tokenizer"))
+            tokenizer = load_tokenizer(source, cfg.model.get("tokenizer"), cfg.model.get("chat"))
             if cfg.get("input") is not None:
                 check_input_file(resolve_path(cfg.input))
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
@@ -82,13 +82,14 @@ def _report_caches(ctx: ParallelContext, runner: StageRunner) -> None:
         print("kv cache: " + "; ".join(line for line, _ in replica), flush=True)
 
 
-def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None) -> Tokenizer:
-    """`model.tokenizer` when given, else the tokenizer.model in the checkpoint folder."""
+def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None, chat: Optional[str] = None) -> Tokenizer:
+    """`model.tokenizer` when given, else the tokenizer.model in the checkpoint folder; `chat` is the
+    template version of `messages` inputs (model.chat: auto, v1 or v3)."""
     where = resolve_path(tokenizer) or source.path
     if where is None:
         raise ConfigError("a random `preset` model has no tokenizer; set model.tokenizer=PATH (a tokenizer.model "
                           "with the preset's vocab_size) or give model.path=DIR with a tokenizer.model")
-    tok = Tokenizer.from_dir(where)
+    tok = Tokenizer.from_dir(where, chat)
     if tok.vocab_size != source.args.vocab_size:
         raise CheckpointError(
             f"{tok.path} has {tok.vocab_size} pieces but the model's vocab_size is {source.args.vocab_size}; "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from pp_runtime.chat import parse_messages
 from pp_runtime.errors import InputError, PPRuntimeError
 from pp_runtime.sampling import SamplingParams
 from pp_runtime.scheduler import Request
@@ -17,7 +18,8 @@ from pp_runtime.scheduler import Request
 class PromptRecord:
     line_no: int  # 1-based line in the input file (0 for a command-line prompt)
     id: Any
-    prompt: str
+    prompt: Optional[str]  # plain text, encoded by sentencepiece with BOS; None for a chat:
+    messages: Optional[tuple[tuple[str, str], ...]] = None  # a chat: (role, content), encoded by mistral-common
     max_new_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -63,16 +65,16 @@ def parse_prompt_line(line: str, line_no: int, source: str = "input") -> PromptR
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     body = obj.get("body") if isinstance(obj.get("body"), dict) else obj
     rid = obj.get("custom_id", obj.get("id", line_no))
-    prompt = body.get("prompt")
-    if prompt is None and isinstance(body.get("messages"), list):
-        prompt = _messages_to_prompt(body["messages"], where)
-    if not isinstance(prompt, str):
+    prompt, messages = body.get("prompt"), None
+    if prompt is None and body.get("messages") is not None:
+        messages = parse_messages(body["messages"], f"{where} (id {rid!r})")
+    elif not isinstance(prompt, str):
         raise InputError(f"{where}: no \"prompt\" string (or \"messages\" list); every line needs one")
-    if not prompt.strip():
+    elif not prompt.strip():
         raise InputError(f"{where}: the prompt is empty; give a non-empty prompt")
     where = f"{where} (id {rid!r})"
     return PromptRecord(
-        line_no=line_no, id=rid, prompt=prompt,
+        line_no=line_no, id=rid, prompt=prompt, messages=messages,
         max_new_tokens=_opt(body, ("max_new_tokens", "max_tokens"), int, where),
         temperature=_opt(body, ("temperature",), float, where),
         top_p=_opt(body, ("top_p",), float, where),
@@ -93,23 +95,16 @@ def _opt(obj: dict, keys: tuple[str, ...], kind: type, where: str) -> Any:
     return None
 
 
-def _messages_to_prompt(messages: list, where: str) -> str:
-    """Mistral instruct format: [INST] user [/INST] assistant</s> ..."""
-    parts = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise InputError(f"{where}: each message needs a \"role\" and a \"content\" string")
-        if m.get("role") in ("user", "system"):
-            parts.append(f"[INST] {m['content']} [/INST]")
-        else:
-            parts.append(f" {m['content']}")
-    return "".join(parts)
-
-
 def make_request(uid: int, rec: PromptRecord, tokenizer, default_max_new: int, default_sampling: SamplingParams) -> Request:
-    """Errors name the input line and id (or the request id of a command-line prompt)."""
+    """Errors name the input line and id (or the request id of a command-line prompt). A chat is
+    encoded by mistral-common (Tokenizer.encode_chat) and its `prompt` is the encoded conversation as
+    text (`<s>[INST] a [/INST] b</s>[INST] c [/INST]`); a plain prompt is encoded by sentencepiece."""
     where = rec.where or f"request {rec.id!r}"
-    tokens = tokenizer.encode(rec.prompt, bos=True)
+    if rec.messages is not None:
+        tokens = tokenizer.encode_chat(rec.messages, where)
+        prompt = tokenizer.text_of(tokens)
+    else:
+        tokens, prompt = tokenizer.encode(rec.prompt, bos=True), rec.prompt
     if len(tokens) <= (1 if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else 0):
         raise InputError(f"{where}: the prompt tokenises to nothing; give a non-empty prompt")
     try:
@@ -121,7 +116,7 @@ def make_request(uid: int, rec: PromptRecord, tokenizer, default_max_new: int, d
         )
     except PPRuntimeError as e:
         raise InputError(f"{where}: {e}") from None
-    return Request(uid=uid, id=rec.id, prompt=rec.prompt, prompt_tokens=tokens,
+    return Request(uid=uid, id=rec.id, prompt=prompt, prompt_tokens=tokens,
                    max_new_tokens=default_max_new if rec.max_new_tokens is None else rec.max_new_tokens,
                    sampling=sampling)
 

@@ -4,12 +4,11 @@
         [--layers N] [--tokenizer PATH | --no-tokenizer]
 
 Only one tensor is in memory at once, so a 7B (14.5 GB in bf16) or 8x7B model can be written on a
-machine with little RAM. The weights equal `checkpoint.random_state_dict(args, seed, dtype)`.
+machine with little RAM. Each weight is `checkpoint.random_tensor(name, shape, seed, dtype)`, seeded by its name.
 
 The folder is ready for inference: it gets a tokenizer.model (`--tokenizer`, else Mistral's v1
-tokenizer from the mistral-common package when it is installed) and the model's vocab_size is the
-tokenizer's. mistral-common stays optional (the `test` extra): it brings pydantic, tiktoken, pillow
-and more for one 0.5 MB file, and real checkpoints ship their own tokenizer.
+tokenizer from the mistral-common package, a dependency that encodes chat `messages`) and the
+model's vocab_size is the tokenizer's.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from pp_runtime.errors import ConfigError, InputError
+from pp_runtime.errors import InputError
 from pp_runtime.sampling import SamplingParams
 
 
@@ -76,11 +76,6 @@ class SchedulerConfig:
     max_tokens: int  # token budget per micro-batch
     chunk_size: int  # longest prefill chunk of one sequence
     microbatches: int = 1  # in flight; when few sequences are left they are spread over all of them
-
-    def __post_init__(self) -> None:
-        for name in ("n_slots", "max_seqs", "max_tokens", "chunk_size", "microbatches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"inference.{name}={getattr(self, name)} must be at least 1")
 
 
 class StepScheduler:

@@ -224,13 +224,6 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
 
 
-def micro_batches(batch: Batch, n: int) -> list[Batch]:
-    """Split a replica's rows into `n` micro-batches of equal row count."""
-    if batch.tokens.shape[0] % n:
-        raise ConfigError(f"{batch.tokens.shape[0]} rows do not split into {n} micro-batches")
-    return batch.split(n)
-
-
 def check_batch_shape(batch_size: int, data_parallel: int, microbatches: int) -> int:
     """Rows per micro-batch; a batch that does not divide evenly is a ConfigError saying how to fix it."""
     if batch_size < 1:

@@ -53,7 +53,7 @@ from pp_runtime.schedules import Schedule
 from pp_runtime.step_timer import PhaseTimer
 from pp_runtime.train_data import IGNORE, Batch, PackedDataset, check_batch_shape
 
-PEAK_FLOPS_H200_BF16 = 787e12  # measured bf16 matmul 8192^3 on H200 (DESIGN.md)
+PEAK_FLOPS_H200_BF16 = 787e12  # measured bf16 matmul 8192^3 on H200 (benchmarks/bench_infer.py, device_ceilings)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """6 x non-embedding (active) parameters + 6 x layers x heads x head_dim x seq (DESIGN.md's MFU count)."""
+    """6 x non-embedding (active) parameters + 6 x layers x heads x head_dim x seq (attention's QK^T and AV, causal)."""
     d, hd = args.dim, args.head_dim
     attn = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
     ffn = 3 * d * args.hidden_dim * (args.moe.num_experts_per_tok if args.moe else 1)

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from pp_runtime.args import ModelArgs, preset
-from pp_runtime.checkpoint import random_state_dict, save_mistral_checkpoint
+from ckpt_helpers import random_state_dict, save_mistral_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,11 @@ _WORDS = ("the cat sat on a mat while two dogs ran past seven red boxes and one 
           "flew over green hills near quiet rivers where small fish swim every day").split()
 
 
-def train_tokenizer(out: Path, vocab_size: int = 200, seed: int = 0) -> Path:
-    """A small unigram model (BOS=1, EOS=2 as Mistral's) trained on generated sentences, in well under a second."""
+def train_tokenizer(out: Path, vocab_size: int = 200, seed: int = 0, name: str = "tokenizer.model",
+                    user_defined_symbols: tuple[str, ...] = (), control_symbols: tuple[str, ...] = ()) -> Path:
+    """A small unigram model (BOS=1, EOS=2 as Mistral's) trained on generated sentences, in well under a second.
+    `user_defined_symbols` are pieces of their own in text (as `[INST]` could be); `control_symbols` take the
+    ids after EOS and never come out of text (Mistral's v3 tokenizer: `[INST]` 3, `[/INST]` 4)."""
     rng = random.Random(seed)
     text = "\n".join(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(2000))
     model = io.BytesIO()
@@ -27,8 +30,10 @@ def train_tokenizer(out: Path, vocab_size: int = 200, seed: int = 0) -> Path:
         sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=False,
         character_coverage=1.0, num_threads=1, minloglevel=2, hard_vocab_limit=False,
+        **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}),
+        **({"control_symbols": list(control_symbols)} if control_symbols else {}),
     )
-    path = out / "tokenizer.model"
+    path = out / name
     path.write_bytes(model.getvalue())
     return path
 

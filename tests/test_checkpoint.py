@@ -17,25 +17,15 @@ import pp_runtime.checkpoint as ckpt
 from pp_runtime import random_checkpoint
 from pp_runtime.args import ModelArgs, preset
 from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import (
-    detect_format,
-    full_spec,
-    load_model_args,
-    load_stage_module,
-    load_stage_state,
-    permute_for_hf,
-    random_state_dict,
-    save_hf_checkpoint,
-    save_mistral_checkpoint,
-    stage_shapes,
-    to_hf_state_dict,
-    unpermute_from_hf,
-)
+from pp_runtime.checkpoint import (detect_format, full_spec, load_model_args, load_stage_module, load_stage_state,
+                                   stage_shapes, unpermute_from_hf)
 from pp_runtime.errors import CheckpointError
 from pp_runtime.model import StageModule, apply_rope
 from pp_runtime.moe import unstack_experts
 from pp_runtime.partition import plan_for
 from pp_runtime.tokenizer import Tokenizer, find_mistral_v1_tokenizer
+
+from ckpt_helpers import permute_for_hf, random_state_dict, save_hf_checkpoint, save_mistral_checkpoint, to_hf_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import sys
 
 
 from conftest import REPO
-from pp_runtime.args import ModelArgs
+from pp_runtime.checkpoint import load_model_args
 from pp_runtime.demo import MODEL_DIR, PROMPTS, task
 from pp_runtime.demo.make_demo import MODEL_FILES, evaluate
 
@@ -19,7 +19,7 @@ def test_demo_folder_is_small_and_consistent():
 
     assert all((MODEL_DIR / f).is_file() for f in MODEL_FILES)
     assert sum((MODEL_DIR / f).stat().st_size for f in MODEL_FILES) < 8e6
-    args = ModelArgs.from_dir(MODEL_DIR)
+    args = load_model_args(MODEL_DIR)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(MODEL_DIR / "tokenizer.model"))
     assert sp.vocab_size() == args.vocab_size and sp.bos_id() == 1 and sp.eos_id() == 2
     ev = json.loads((MODEL_DIR / "EVAL.json").read_text())

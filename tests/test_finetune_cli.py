@@ -23,7 +23,7 @@ import torch
 
 from pp_runtime import train_checkpoint as tc
 from pp_runtime.args import preset
-from pp_runtime.checkpoint import random_state_dict
+from ckpt_helpers import random_state_dict
 from pp_runtime.config import load_config
 from pp_runtime.partition import plan_for
 

@@ -17,17 +17,12 @@ from safetensors.torch import save_file  # noqa: E402
 
 from pp_runtime.args import ModelArgs  # noqa: E402
 from pp_runtime.attention_meta import SeqChunk, build_inference_meta, build_training_meta  # noqa: E402
-from pp_runtime.checkpoint import (  # noqa: E402
-    full_spec,
-    load_model_args,
-    load_stage_module,
-    load_stage_state,
-    random_state_dict,
-    save_hf_checkpoint,
-)
+from pp_runtime.checkpoint import full_spec, load_model_args, load_stage_module, load_stage_state  # noqa: E402
 from pp_runtime.kv_cache import RollingKVCache  # noqa: E402
 from pp_runtime.model import StageModule  # noqa: E402
 from pp_runtime.moe import stack_experts_  # noqa: E402
+
+from ckpt_helpers import random_state_dict, save_hf_checkpoint  # noqa: E402
 
 WINDOW = 16
 PROMPT_LENS = (45, 61)  # ~3-4 windows, unequal so packed chunks differ in length

@@ -12,7 +12,8 @@ from safetensors import safe_open
 import pp_runtime.train_checkpoint as tc
 from pp_runtime.args import ModelArgs, MoeArgs, preset
 from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import full_spec, load_stage_module, random_state_dict, save_hf_checkpoint
+from pp_runtime.checkpoint import full_spec, load_stage_module
+from ckpt_helpers import random_state_dict, save_hf_checkpoint
 from pp_runtime.model import StageModule
 from pp_runtime.moe import (
     GROUP_ALIGN,
@@ -229,7 +230,7 @@ def test_stacked_weights_round_trip_through_both_formats(tmp_path, fmt):
     model = StageModule(args, full_spec(args))
     model.load_state_dict(stack_experts_(dict(state)))
     if fmt == "mistral":  # writers take the stacked layout and store experts one by one
-        from pp_runtime.checkpoint import save_mistral_checkpoint
+        from ckpt_helpers import save_mistral_checkpoint
 
         save_mistral_checkpoint(tmp_path, args, model.state_dict())
         with safe_open(str(tmp_path / "consolidated.safetensors"), "pt") as h:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, _WORDS
 from pp_runtime import infer_job
-from pp_runtime.checkpoint import save_hf_checkpoint
+from ckpt_helpers import save_hf_checkpoint
 from pp_runtime.config import load_config
 from pp_runtime.errors import CheckpointError, ConfigError, InputError, TrainingError
 
