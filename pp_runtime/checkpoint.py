@@ -88,6 +88,13 @@ def stage_shapes(args: ModelArgs, spec: StageSpec) -> dict[str, tuple[int, ...]]
 
 
 # ---------------------------------------------------------------------------------- rotary permutation
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Interleaved-pair rows (Mistral) -> half-split rows per head (what HF's rotate_half expects);
+    `unpermute_from_hf` undoes it."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Hugging Face's half-split rows per head (what its rotate_half expects) -> Mistral's interleaved pairs."""
     rows, cols = w.shape

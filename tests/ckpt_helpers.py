@@ -13,18 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from pp_runtime.args import ModelArgs
-from pp_runtime.checkpoint import (_EXPERT_RE, _HF_LAYER_NAMES, _HF_TOP_NAMES, _LAYER_RE, HF_INDEX, full_spec,
+from pp_runtime.checkpoint import (_EXPERT_RE, _HF_LAYER_NAMES, _HF_TOP_NAMES, _LAYER_RE, HF_INDEX, full_spec, permute_for_hf,
                                    random_tensor, stage_shapes)
 from pp_runtime.errors import CheckpointError
 from pp_runtime.moe import unstack_experts
 from pp_runtime.partition import StageSpec
-
-
-def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Interleaved-pair rows (Mistral) -> half-split rows per head (what HF's rotate_half expects);
-    checkpoint.unpermute_from_hf undoes it."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def save_mistral_checkpoint(path: str | Path, args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> None:

@@ -18,14 +18,14 @@ from pp_runtime import random_checkpoint
 from pp_runtime.args import ModelArgs, preset
 from pp_runtime.attention_meta import build_training_meta
 from pp_runtime.checkpoint import (detect_format, full_spec, load_model_args, load_stage_module, load_stage_state,
-                                   stage_shapes, unpermute_from_hf)
+                                   stage_shapes, unpermute_from_hf, permute_for_hf)
 from pp_runtime.errors import CheckpointError
 from pp_runtime.model import StageModule, apply_rope
 from pp_runtime.moe import unstack_experts
 from pp_runtime.partition import plan_for
 from pp_runtime.tokenizer import Tokenizer, find_mistral_v1_tokenizer
 
-from ckpt_helpers import permute_for_hf, random_state_dict, save_hf_checkpoint, save_mistral_checkpoint, to_hf_state_dict
+from ckpt_helpers import random_state_dict, save_hf_checkpoint, save_mistral_checkpoint, to_hf_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

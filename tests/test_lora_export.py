@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from conftest import _WORDS
 from pp_runtime import train_checkpoint as tc
 from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import full_spec, load_stage_module, save_hf_checkpoint
+from ckpt_helpers import save_hf_checkpoint
+from pp_runtime.checkpoint import full_spec, load_stage_module
 from pp_runtime.config import load_config
 from pp_runtime.errors import CheckpointError, ConfigError
 from pp_runtime.lora import LoraConfig, apply_lora, lora_config, merge_lora_
