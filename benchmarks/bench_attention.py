@@ -21,10 +21,10 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime import ring_attention as ra  # noqa: E402
-from pp_runtime.args import preset  # noqa: E402
-from pp_runtime.attention_meta import SeqChunk, build_inference_meta  # noqa: E402
-from pp_runtime.model import Attention, _write  # noqa: E402
+from pp_runtime.inference import ring_attention as ra  # noqa: E402
+from pp_runtime.model.args import preset  # noqa: E402
+from pp_runtime.model.attention_meta import SeqChunk, build_inference_meta  # noqa: E402
+from pp_runtime.model.transformer import Attention, _write  # noqa: E402
 
 ARGS = preset("mistral-7b")
 H, HKV, D, W = ARGS.n_heads, ARGS.n_kv_heads, ARGS.head_dim, ARGS.sliding_window

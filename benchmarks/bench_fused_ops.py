@@ -1,4 +1,4 @@
-"""Fused kernels (pp_runtime.fused_ops) against the eager ops of pp_runtime.model, on one GPU.
+"""Fused kernels (pp_runtime.inference.fused_ops) against the eager ops of pp_runtime.model.transformer, on one GPU.
 
     python benchmarks/bench_fused_ops.py
 
@@ -19,9 +19,9 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime import fused_ops  # noqa: E402
-from pp_runtime.attention_meta import rope_angles  # noqa: E402
-from pp_runtime.model import RMSNorm, apply_rope  # noqa: E402
+from pp_runtime.inference import fused_ops  # noqa: E402
+from pp_runtime.model.attention_meta import rope_angles  # noqa: E402
+from pp_runtime.model.transformer import RMSNorm, apply_rope  # noqa: E402
 
 DIM, N_HEADS, N_KV, HEAD_DIM, HIDDEN = 4096, 32, 8, 128, 14336
 EPS, THETA, MAX_POS = 1e-5, 1e6, 32768

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_infer.py --ckpt DIR --prompts FILE.jsonl [--max-new 64] [--out results.json]
 
-DIR is a Mistral-format checkpoint with its tokenizer.model (`python -m pp_runtime.random_checkpoint
+DIR is a Mistral-format checkpoint with its tokenizer.model (`python -m pp_runtime.checkpoints.random_weights
 --preset mistral-7b --out DIR --device cuda --tokenizer tokenizer.model`); FILE comes from
 `benchmarks/make_prompts.py`. Measures, in this order (each side alone on the GPU):
   device    copy bandwidth (bytes read + written) and bf16 matmul peak
@@ -30,15 +30,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
-from pp_runtime.parallel import init_parallel  # noqa: E402
-from pp_runtime.partition import plan_for  # noqa: E402
-from pp_runtime.runtime import ModelSource  # noqa: E402
-from pp_runtime.sampling import SamplingParams  # noqa: E402
-from pp_runtime.scheduler import Request  # noqa: E402
-from pp_runtime.comm import KIND_DATA
-from pp_runtime.step_table import Step, StepChunk  # noqa: E402
-from pp_runtime.tokenizer import Tokenizer  # noqa: E402
+from pp_runtime.checkpoints.model_source import ModelSource  # noqa: E402
+from pp_runtime.distributed.comm import KIND_DATA
+from pp_runtime.distributed.parallel import init_parallel  # noqa: E402
+from pp_runtime.inference.batching import Request  # noqa: E402
+from pp_runtime.inference.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
+from pp_runtime.inference.sampling import SamplingParams  # noqa: E402
+from pp_runtime.inference.step_table import Step, StepChunk  # noqa: E402
+from pp_runtime.io.tokenizer import Tokenizer  # noqa: E402
+from pp_runtime.model.partition import plan_for  # noqa: E402
 
 RESULTS: dict[str, dict] = {}
 
@@ -103,7 +103,7 @@ def stage_flops_per_token(args, n_params: int, context: int) -> float:
 def ours(a, dev, bw: float, peak: float) -> None:
     ctx = init_parallel(device="cuda" if dev.type == "cuda" else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    source = ModelSource.from_config({"path": a.ckpt})
+    source = ModelSource.from_path(a.ckpt)
     args = source.args
     module = source.build_stage(plan_for(args, 1).stages[0], dtype, dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -170,7 +170,7 @@ def peer(a, dev) -> None:
     except ImportError as e:
         emit("peer", error=f"transformers missing: {e}")
         return
-    args = ModelSource.from_config({"path": a.ckpt}).args
+    args = ModelSource.from_path(a.ckpt).args
     cfg = MistralConfig(hidden_size=args.dim, intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
                         num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
                         vocab_size=args.vocab_size, sliding_window=args.sliding_window, rope_theta=args.rope_theta,

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import moe_expert_loop  # noqa: E402  (the former per-expert loop)
 
-from pp_runtime.args import ModelArgs, MoeArgs  # noqa: E402
-from pp_runtime.moe import MoeFeedForward, expert_token_counts, pick_backend  # noqa: E402
+from pp_runtime.model.args import ModelArgs, MoeArgs  # noqa: E402
+from pp_runtime.model.moe import MoeFeedForward, expert_token_counts, pick_backend  # noqa: E402
 
 MIXTRAL = ModelArgs(dim=4096, n_layers=1, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                     vocab_size=32000, moe=MoeArgs(8, 2))
@@ -113,8 +113,8 @@ def graphed(fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
 def gemv_main(m: MoeFeedForward, tokens: list[int], sweep: bool) -> int:
     from triton.testing import do_bench
 
-    from pp_runtime.moe import experts_forward, uses_grouped_gemm
-    from pp_runtime.moe_gemv import GemvBlocks, routed_expert_bytes, routed_experts_forward
+    from pp_runtime.model.moe import experts_forward, uses_grouped_gemm
+    from pp_runtime.model.moe_gemv import GemvBlocks, routed_expert_bytes, routed_experts_forward
 
     e, dim, hidden = m.experts, MIXTRAL.dim, MIXTRAL.hidden_dim
     name = torch.cuda.get_device_name()

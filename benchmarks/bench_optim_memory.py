@@ -13,7 +13,7 @@ Every configuration builds the model afresh (seeded weights, bf16 on GPU with fl
 weights, float32 on CPU), runs `--warmup` untimed then `--steps` timed steps of `--microbatches`
 rows of `--seq` tokens per replica (one row per micro-batch, the 1F1B schedule), and reports, per
 pipeline rank (replica 0), `torch.cuda.max_memory_allocated` over the configuration (weights
-included) and the plan's total (`pp_runtime/memory_plan.py`), with their ratio.
+included) and the plan's total (`pp_runtime/training/memory_plan.py`), with their ratio.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from pp_runtime.args import ModelArgs
-from pp_runtime.memory_plan import plan_memory
-from pp_runtime.parallel import init_parallel, shutdown
-from pp_runtime.partition import plan_for
-from pp_runtime.runtime import ModelSource
-from pp_runtime.schedules import build_schedule
-from pp_runtime.train_data import Document, PackedDataset
-from pp_runtime.trainer import TrainConfig, Trainer
+from pp_runtime.checkpoints.model_source import ModelSource
+from pp_runtime.distributed.parallel import init_parallel, shutdown
+from pp_runtime.model.args import ModelArgs
+from pp_runtime.model.partition import plan_for
+from pp_runtime.training.data import Document, PackedDataset
+from pp_runtime.training.memory_plan import plan_memory
+from pp_runtime.training.schedules import build_schedule
+from pp_runtime.training.trainer import TrainConfig, Trainer
 
 CONFIGS = {"plain": {}, "zero": {"zero": 1}, "cpu_adam": {"optimizer": "cpu_adam"},
            "cpu_adam+zero": {"optimizer": "cpu_adam", "zero": 1}}

@@ -13,7 +13,7 @@ attention takes SDPA's plain causal (flash) path on every side. Stages are split
 looped for the interleaved schedules; two per rank in a V for ZB-V and DualPipeV). Configurations,
 run one after another in the same processes (`--configs` picks):
 
-- ``ours-*``: `pp_runtime.trainer.Trainer` with our 1F1B, GPipe, ZB-H1, interleaved 1F1B (v=2),
+- ``ours-*``: `pp_runtime.training.trainer.Trainer` with our 1F1B, GPipe, ZB-H1, interleaved 1F1B (v=2),
   interleaved 1F1B with the B/W split (v=2) or ZB-V schedule;
 - ``torch-*``: `torch.distributed.pipelining` with Schedule1F1B, ScheduleGPipe,
   ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble and
@@ -69,11 +69,11 @@ import torch.distributed as dist
 from train_common import (GB, Guard, barrier, build_stage, describe_error, estimate_memory_gb, free_memory, gather,
                           is_oom, model_args, peak_memory_gb, sync, synthetic_data)
 import train_report
-from pp_runtime.parallel import ParallelContext, init_parallel, shutdown
-from pp_runtime.partition import StagePlan, plan_for
-from pp_runtime.schedules import Schedule, build_schedule
-from pp_runtime.simulator import simulate
-from pp_runtime.trainer import PEAK_FLOPS_H200_BF16, TrainConfig, Trainer, flops_per_token
+from pp_runtime.distributed.parallel import ParallelContext, init_parallel, shutdown
+from pp_runtime.model.partition import StagePlan, plan_for
+from pp_runtime.training.schedules import Schedule, build_schedule
+from pp_runtime.training.simulator import simulate
+from pp_runtime.training.trainer import PEAK_FLOPS_H200_BF16, TrainConfig, Trainer, flops_per_token
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ class Bench:
             rows = gather(ctx, [(str(act), s, e) for act, s, e in self._last_timings])
             if ctx.rank == 0:
                 try:
-                    from pp_runtime.timeline import draw_timeline
+                    from pp_runtime.training.timeline import draw_timeline
 
                     path = Path(self.a.out) / f"timeline_{name}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_infer import random_requests  # noqa: E402
-from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
-from pp_runtime.parallel import init_parallel  # noqa: E402
-from pp_runtime.partition import plan_for  # noqa: E402
-from pp_runtime.runtime import ModelSource  # noqa: E402
+from pp_runtime.checkpoints.model_source import ModelSource  # noqa: E402
+from pp_runtime.distributed.parallel import init_parallel  # noqa: E402
+from pp_runtime.inference.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
+from pp_runtime.model.partition import plan_for  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--trace", default=None)
     a = p.parse_args()
     ctx = init_parallel(device="cuda")
-    source = ModelSource.from_config({"path": a.ckpt})
+    source = ModelSource.from_path(a.ckpt)
     args = source.args
     module = source.build_stage(plan_for(args, 1).stages[0], torch.bfloat16, ctx.device)
     cfg = InferenceConfig(microbatches=1, batch_size=a.batch, max_batch_tokens=4096).resolved(args, 1)

@@ -21,11 +21,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime.args import ModelArgs  # noqa: E402
-from pp_runtime.model import StageModule  # noqa: E402
-from pp_runtime.parallel import ParallelContext  # noqa: E402
-from pp_runtime.partition import StageSpec  # noqa: E402
-from pp_runtime.train_data import Document, PackedDataset  # noqa: E402
+from pp_runtime.distributed.parallel import ParallelContext  # noqa: E402
+from pp_runtime.model.args import ModelArgs  # noqa: E402
+from pp_runtime.model.partition import StageSpec  # noqa: E402
+from pp_runtime.model.transformer import StageModule  # noqa: E402
+from pp_runtime.training.data import Document, PackedDataset  # noqa: E402
 
 GB = 1e9
 

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from train_common import build_stage
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.trainer import lr_at, param_groups, token_loss
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.training.trainer import lr_at, param_groups, token_loss
 
 
 def unavailable() -> Optional[str]:

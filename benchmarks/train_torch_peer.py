@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 from train_common import accepts, build_stage
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.model import StageModule
-from pp_runtime.trainer import Trainer, lr_at, token_loss
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.model.transformer import StageModule
+from pp_runtime.training.trainer import Trainer, lr_at, token_loss
 
 
 class TorchPipeModule(nn.Module):

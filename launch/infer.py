@@ -6,11 +6,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime.cli import hydra_main  # noqa: E402
+from pp_runtime.jobs.cli import hydra_main  # noqa: E402
 
 
 def main(cfg) -> int:
-    from pp_runtime.infer_job import run
+    from pp_runtime.jobs.infer import run
 
     return run(cfg)
 

@@ -1,7 +1,7 @@
 """Checkpoint writers and whole random models that only the tests use: Mistral consolidated and
 Hugging Face folders from a state dict under our names (the library only reads these formats; its
-own writers are the fine-tuning export, pp_runtime.train_checkpoint, and the streaming random
-checkpoint, pp_runtime.random_checkpoint)."""
+own writers are the fine-tuning export, pp_runtime.training.checkpoint, and the streaming random
+checkpoint, pp_runtime.checkpoints.random_weights)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Iterator, Optional
 import torch
 from safetensors.torch import save_file
 
-from pp_runtime.args import ModelArgs
-from pp_runtime.checkpoint import (_EXPERT_RE, _HF_LAYER_NAMES, _HF_TOP_NAMES, _LAYER_RE, HF_INDEX, full_spec, permute_for_hf,
+from pp_runtime.model.args import ModelArgs
+from pp_runtime.checkpoints.formats import (_EXPERT_RE, _HF_LAYER_NAMES, _HF_TOP_NAMES, _LAYER_RE, HF_INDEX, full_spec, permute_for_hf,
                                    random_tensor, stage_shapes)
 from pp_runtime.errors import CheckpointError
-from pp_runtime.moe import unstack_experts
-from pp_runtime.partition import StageSpec
+from pp_runtime.model.moe import unstack_experts
+from pp_runtime.model.partition import StageSpec
 
 
 def save_mistral_checkpoint(path: str | Path, args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from pp_runtime.args import ModelArgs, preset
+from pp_runtime.model.args import ModelArgs, preset
 from ckpt_helpers import random_state_dict, save_mistral_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

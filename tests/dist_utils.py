@@ -23,7 +23,7 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     except BaseException:  # noqa: BLE001 - report to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
         return  # no teardown: a peer may be gone, and the parent kills what is left
-    from pp_runtime.parallel import shutdown
+    from pp_runtime.distributed.parallel import shutdown
 
     shutdown()
     queue.put((rank, "ok", result))

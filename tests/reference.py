@@ -1,5 +1,5 @@
 """An independent, deliberately naive Mistral/Mixtral forward: one sequence, full attention matrix,
-explicit window mask, complex-number RoPE, per-token MoE loop. Shares no code with pp_runtime.model."""
+explicit window mask, complex-number RoPE, per-token MoE loop. Shares no code with pp_runtime.model.transformer."""
 
 from __future__ import annotations
 

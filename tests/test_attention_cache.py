@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from pp_runtime.args import preset
-from pp_runtime.attention_meta import SeqChunk, build_inference_meta, build_training_meta
-from pp_runtime.kv_cache import RollingKVCache
-from pp_runtime.model import StageModule
-from pp_runtime.moe import unstack_experts
-from pp_runtime.partition import plan_for
+from pp_runtime.model.args import preset
+from pp_runtime.model.attention_meta import SeqChunk, build_inference_meta, build_training_meta
+from pp_runtime.model.kv_cache import RollingKVCache
+from pp_runtime.model.moe import unstack_experts
+from pp_runtime.model.partition import plan_for
+from pp_runtime.model.transformer import StageModule
 from reference import naive_logits
 
 

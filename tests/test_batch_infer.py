@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dist_utils import children, kill_all, wait_gone
-from pp_runtime.batch_job import LineSet, merge_results, repair_jsonl
 from pp_runtime.errors import ConfigError, InputError
+from pp_runtime.jobs.batch_files import LineSet, merge_results, repair_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 N_PROMPTS = 240
@@ -41,8 +41,8 @@ def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
 
 def run_inprocess(args: list[str]) -> int:
     """One-process run inside pytest (no interpreter start-up)."""
-    from pp_runtime.batch_job import run
-    from pp_runtime.config import load_config
+    from pp_runtime.jobs.batch import run
+    from pp_runtime.jobs.config import load_config
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -276,7 +276,7 @@ def test_a_locked_output_is_refused_until_its_job_is_gone(tiny_ckpt, tmp_path):
     inp = _small_input(tmp_path / "in.jsonl", SMALL)
     out = tmp_path / "out.jsonl"
     holder = subprocess.Popen(  # another job holding the output (what a running batch job does)
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pp_runtime.output_files import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pp_runtime.io.output_files import "
          "OutputLock; OutputLock.acquire(Path(sys.argv[1]), 'x'); print('locked', flush=True); time.sleep(600)",
          str(tmp_path / "out.jsonl.lock")], env=_env(), stdout=subprocess.PIPE, text=True)
     try:

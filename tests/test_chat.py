@@ -17,9 +17,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import train_tokenizer
 from pp_runtime.errors import CheckpointError, ConfigError, InputError
-from pp_runtime.prompts import make_request, parse_prompt_line
-from pp_runtime.sampling import SamplingParams
-from pp_runtime.tokenizer import Tokenizer, find_mistral_v1_tokenizer
+from pp_runtime.inference.requests import make_request, parse_prompt_line
+from pp_runtime.inference.sampling import SamplingParams
+from pp_runtime.io.tokenizer import Tokenizer, find_mistral_v1_tokenizer
 
 SYSTEM, A, B, C, D, E = "seven red boxes", "the cat sat", "two dogs ran", "one blue kite", "green hills", "small fish"
 
@@ -175,8 +175,8 @@ def test_bad_chat_setting_is_a_config_error(v1_tokenizer):
 def test_infer_writes_chat_lines_as_valid_json(tiny_ckpt, tmp_path):
     """End to end through launch/infer.py's job: a chat line and a plain line; the chat's `prompt` is
     its encoded conversation as text and its token count is mistral-common's."""
-    from pp_runtime.config import load_config
-    from pp_runtime.infer_job import run
+    from pp_runtime.jobs.config import load_config
+    from pp_runtime.jobs.infer import run
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)

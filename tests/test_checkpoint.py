@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pp_runtime.checkpoint as ckpt
-from pp_runtime import random_checkpoint
-from pp_runtime.args import ModelArgs, preset
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import (detect_format, full_spec, load_model_args, load_stage_module, load_stage_state,
+import pp_runtime.checkpoints.formats as ckpt
+from pp_runtime.checkpoints import random_weights as random_checkpoint
+from pp_runtime.model.args import ModelArgs, preset
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.checkpoints.formats import (detect_format, full_spec, load_model_args, load_stage_module, load_stage_state,
                                    stage_shapes, unpermute_from_hf, permute_for_hf)
 from pp_runtime.errors import CheckpointError
-from pp_runtime.model import StageModule, apply_rope
-from pp_runtime.moe import unstack_experts
-from pp_runtime.partition import plan_for
-from pp_runtime.tokenizer import Tokenizer, find_mistral_v1_tokenizer
+from pp_runtime.io.tokenizer import Tokenizer, find_mistral_v1_tokenizer
+from pp_runtime.model.moe import unstack_experts
+from pp_runtime.model.partition import plan_for
+from pp_runtime.model.transformer import StageModule, apply_rope
 
 from ckpt_helpers import random_state_dict, save_hf_checkpoint, save_mistral_checkpoint, to_hf_state_dict
 
@@ -322,7 +322,7 @@ def test_missing_tokenizer(tmp_path):
 # ------------------------------------------------------------------ random checkpoint CLI
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pp_runtime.random_checkpoint", *argv],
+        [sys.executable, "-m", "pp_runtime.checkpoints.random_weights", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,

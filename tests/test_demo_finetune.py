@@ -104,8 +104,8 @@ def test_multirun_sweep_under_torchrun_with_tensorboard(tmp_path):
 @pytest.mark.parametrize("package, setting, hint", [("tensorboard", "tensorboard", "pip install tensorboard"),
                                                     ("wandb", "wandb", "pip install wandb")])
 def test_a_missing_logger_package_is_named_with_its_install(package, setting, hint, monkeypatch):
-    from pp_runtime.config import load_config
-    from pp_runtime.train_metrics import check_loggers
+    from pp_runtime.jobs.config import load_config
+    from pp_runtime.training.metrics import check_loggers
 
     monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
     value = "true" if setting == "tensorboard" else "my-project"

@@ -10,7 +10,7 @@ import sys
 
 
 from conftest import REPO
-from pp_runtime.checkpoint import load_model_args
+from pp_runtime.checkpoints.formats import load_model_args
 from pp_runtime.demo import MODEL_DIR, PROMPTS, task
 from pp_runtime.demo.make_demo import MODEL_FILES, evaluate
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from pp_runtime.sampling import SamplingParams
-from pp_runtime.scheduler import Request
+from pp_runtime.inference.batching import Request
+from pp_runtime.inference.sampling import SamplingParams
 
 MAX_NEW = 6
 
@@ -32,13 +32,13 @@ def _requests(vocab: int, window: int, n: int = 5) -> list[Request]:
 
 def _generate(rank: int, world: int, ckpt: str, attention: str, spare_slots: int) -> dict:
     """Rank 0 returns tokens, logprobs and reasons; every rank the cache entries of slots no sequence used."""
-    from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline
-    from pp_runtime.parallel import init_parallel
-    from pp_runtime.partition import plan_for
-    from pp_runtime.runtime import ModelSource
+    from pp_runtime.checkpoints.model_source import ModelSource
+    from pp_runtime.distributed.parallel import init_parallel
+    from pp_runtime.inference.engine import InferenceConfig, StageRunner, run_pipeline
+    from pp_runtime.model.partition import plan_for
 
     ctx = init_parallel(device="cpu")
-    source = ModelSource.from_config({"path": ckpt})
+    source = ModelSource.from_path(ckpt)
     args = source.args
     module = source.build_stage(plan_for(args, world).stages[rank], torch.float32, ctx.device)
     reqs = _requests(args.vocab_size, args.sliding_window)

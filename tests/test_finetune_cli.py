@@ -21,11 +21,11 @@ from typing import Optional
 import pytest
 import torch
 
-from pp_runtime import train_checkpoint as tc
-from pp_runtime.args import preset
+from pp_runtime.model.args import preset
+from pp_runtime.training import checkpoint as tc
 from ckpt_helpers import random_state_dict
-from pp_runtime.config import load_config
-from pp_runtime.partition import plan_for
+from pp_runtime.jobs.config import load_config
+from pp_runtime.model.partition import plan_for
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
@@ -153,7 +153,7 @@ def test_two_nodes_train_like_one_process(launched, tiny_ckpt, tmp_path):
         assert rc == 0, f"node {i} failed:\n{out}\n{err[-3000:]}"
     assert "schedule zb-h1 with 2 micro-batches" in results[0][1]
     two_nodes = _losses(launched["_work"] / "two_nodes" / "metrics.jsonl")
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, _WORDS
-from pp_runtime import train_checkpoint as tc
-from pp_runtime.config import load_config
 from pp_runtime.errors import CheckpointError, ConfigError
+from pp_runtime.jobs.config import load_config
+from pp_runtime.training import checkpoint as tc
 
 
 @contextmanager
@@ -46,7 +46,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def finetune(data: Path, model: Path, out: Path, *extra: str) -> None:
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     args = [f"model.path={model}", f"data.path={data}", "data.seq_len=24", f"out_dir={out}", "train.steps=2",
             "train.batch_size=4", "schedule.microbatches=2", "device=cpu", "model.dtype=float32", *extra]
@@ -107,7 +107,7 @@ def test_resume_null_starts_over_like_a_fresh_run(data_file, tiny_ckpt, tmp_path
 def _thread_count(env_extra: dict[str, str]) -> tuple[int, str, str]:
     """torch's intra-op threads in a fresh process that went through the entry points' start."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    code = ("from pp_runtime.cli import run_main\n"
+    code = ("from pp_runtime.jobs.cli import run_main\n"
             "def main(argv):\n"
             "    import os, torch\n"
             "    print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY'))\n"
@@ -130,9 +130,9 @@ def test_threads_follow_the_cores_and_ranks_unless_omp_num_threads_is_set():
 # ------------------------------------------------------------------------------ schedule names
 @pytest.mark.parametrize("spelling", ["zb-h1", "zb_h1"])
 def test_both_zb_h1_spellings_select_the_zero_bubble_schedule(spelling, tmp_path, capsys):
-    from pp_runtime.finetune_job import make_schedule
-    from pp_runtime.schedules import schedule_zb_h1
-    from pp_runtime.timeline import main as timeline
+    from pp_runtime.jobs.finetune import make_schedule
+    from pp_runtime.training.schedules import schedule_zb_h1
+    from pp_runtime.training.timeline import main as timeline
 
     cfg = load_config("finetune", [f"schedule={spelling}", "schedule.microbatches=4", "data.path=x"])
     assert make_schedule(cfg, 2).actions == schedule_zb_h1(2, 4).actions
@@ -144,7 +144,7 @@ def test_both_zb_h1_spellings_select_the_zero_bubble_schedule(spelling, tmp_path
 
 
 def test_an_unknown_schedule_lists_the_known_ones(capsys):
-    from pp_runtime.timeline import main as timeline
+    from pp_runtime.training.timeline import main as timeline
 
     with pytest.raises(ConfigError, match=r"Could not find 'schedule/zb-h2'; choose one of 1f1b, gpipe, interleaved, interleaved-zb, interleaved_zb, zb-h1, zb-v, zb_h1, zb_v"):
         load_config("finetune", ["schedule=zb-h2", "data.path=x"])
@@ -155,7 +155,7 @@ def test_an_unknown_schedule_lists_the_known_ones(capsys):
 
 # ------------------------------------------------------------------------------ tokenizer
 def _infer(*args: str) -> int:
-    from pp_runtime.infer_job import run
+    from pp_runtime.jobs.infer import run
 
     with one_thread():
         return run(load_config("infer", [*args, "max_new_tokens=4", "device=cpu", "progress=false"]))
@@ -179,8 +179,8 @@ def test_model_tokenizer_gives_inference_a_tokenizer_from_elsewhere(tiny_ckpt, t
 
 
 def test_random_checkpoint_writes_a_tokenizer_inference_can_use(tmp_path, capsys):
-    from pp_runtime import random_checkpoint
-    from pp_runtime.tokenizer import find_mistral_v1_tokenizer
+    from pp_runtime.checkpoints import random_weights as random_checkpoint
+    from pp_runtime.io.tokenizer import find_mistral_v1_tokenizer
 
     out = tmp_path / "rand"
     assert random_checkpoint.main(["--preset", "tiny", "--layers", "1", "--dtype", "float32", "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""Fused Triton kernels (pp_runtime.fused_ops) against the eager math of pp_runtime.model.
+"""Fused Triton kernels (pp_runtime.inference.fused_ops) against the eager math of pp_runtime.model.transformer.
 
 The kernels run on CPU through Triton's interpreter, in one child process started with
 TRITON_INTERPRET=1 (the variable must be set before Triton defines the kernels, and must not leak
@@ -23,9 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pp_runtime import fused_ops
-from pp_runtime.attention_meta import rope_angles
-from pp_runtime.model import RMSNorm, apply_rope
+from pp_runtime.inference import fused_ops
+from pp_runtime.model.attention_meta import rope_angles
+from pp_runtime.model.transformer import RMSNorm, apply_rope
 
 REPO = Path(__file__).resolve().parents[1]
 EPS = 1e-5

@@ -15,12 +15,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-from pp_runtime.args import ModelArgs  # noqa: E402
-from pp_runtime.attention_meta import SeqChunk, build_inference_meta, build_training_meta  # noqa: E402
-from pp_runtime.checkpoint import full_spec, load_model_args, load_stage_module, load_stage_state  # noqa: E402
-from pp_runtime.kv_cache import RollingKVCache  # noqa: E402
-from pp_runtime.model import StageModule  # noqa: E402
-from pp_runtime.moe import stack_experts_  # noqa: E402
+from pp_runtime.checkpoints.formats import full_spec, load_model_args, load_stage_module, load_stage_state  # noqa: E402
+from pp_runtime.model.args import ModelArgs  # noqa: E402
+from pp_runtime.model.attention_meta import SeqChunk, build_inference_meta, build_training_meta  # noqa: E402
+from pp_runtime.model.kv_cache import RollingKVCache  # noqa: E402
+from pp_runtime.model.moe import stack_experts_  # noqa: E402
+from pp_runtime.model.transformer import StageModule  # noqa: E402
 
 from ckpt_helpers import random_state_dict, save_hf_checkpoint  # noqa: E402
 

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from pp_runtime.config import load_config
+from pp_runtime.jobs.config import load_config
 
 LAUNCH = REPO / "launch"
 
@@ -108,11 +108,11 @@ def test_a_bad_command_line_is_one_error_line_and_exit_2(name, tmp_path):
     ("batch_infer_mistral7b", "batch_infer", "mistral-7b")])
 def test_experiments_compose_into_runnable_shapes(experiment, job, shape):
     """Each experiment composes with its job, and its pipeline, schedule and batch fit its model."""
-    from pp_runtime.args import preset
-    from pp_runtime.partition import plan_for
-    from pp_runtime.schedules import build_schedule, check_microbatches
-    from pp_runtime.simulator import simulate
-    from pp_runtime.train_data import check_batch_shape
+    from pp_runtime.model.args import preset
+    from pp_runtime.model.partition import plan_for
+    from pp_runtime.training.data import check_batch_shape
+    from pp_runtime.training.schedules import build_schedule, check_microbatches
+    from pp_runtime.training.simulator import simulate
 
     cfg = load_config(job, [f"+experiment={experiment}"])
     stages = cfg.pipeline.stages or 2
@@ -120,7 +120,7 @@ def test_experiments_compose_into_runnable_shapes(experiment, job, shape):
         check_microbatches(cfg.schedule.name, stages, cfg.schedule.microbatches)
         check_batch_shape(cfg.train.batch_size, cfg.pipeline.data_parallel, cfg.schedule.microbatches)
         simulate(build_schedule(cfg.schedule.name, stages, cfg.schedule.microbatches, cfg.schedule.virtual_stages))
-        from pp_runtime.lora import export_format, lora_config
+        from pp_runtime.training.lora import export_format, lora_config
 
         export_format(cfg, lora_config(cfg.train.lora))  # LoRA settings and export format agree
     if shape is None:

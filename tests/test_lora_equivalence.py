@@ -1,6 +1,6 @@
 """LoRA steps on 2 pipeline stages == the same steps written out by hand on one process, in float64.
 
-The reference never uses pp_runtime.lora: it takes the whole frozen model as one StageModule and
+The reference never uses pp_runtime.training.lora: it takes the whole frozen model as one StageModule and
 computes every targeted weight as W + alpha/rank * B @ A from its own leaf tensors A, B
 (`torch.func.functional_call`; experts as batched [E, out, r] @ [E, r, in]), then clips and runs
 AdamW on A and B. The pipelined run must give the same loss, gradient norm, adapter gradients and
@@ -20,16 +20,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pp_runtime.args import preset
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import full_spec
-from pp_runtime.lora import LoraConfig, apply_lora
-from pp_runtime.parallel import shutdown
-from pp_runtime.partition import plan_for
-from pp_runtime.runtime import ModelSource
-from pp_runtime.schedules import build_schedule
-from pp_runtime.train_data import IGNORE
-from pp_runtime.trainer import TrainConfig, Trainer, lr_at, param_groups, token_loss
+from pp_runtime.checkpoints.formats import full_spec
+from pp_runtime.checkpoints.model_source import ModelSource
+from pp_runtime.distributed.parallel import shutdown
+from pp_runtime.model.args import preset
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.model.partition import plan_for
+from pp_runtime.training.data import IGNORE
+from pp_runtime.training.lora import LoraConfig, apply_lora
+from pp_runtime.training.schedules import build_schedule
+from pp_runtime.training.trainer import TrainConfig, Trainer, lr_at, param_groups, token_loss
 from test_train_equivalence import dataset, free_port, split_bw_schedule
 
 TINY = preset("tiny", vocab_size=64)
@@ -115,8 +115,8 @@ class HandWrittenLora:
 
 
 def run_case(name: str, v: int, preset_name: str, targets: tuple, ckpt: bool = False) -> None:
-    from pp_runtime.parallel import init_parallel
-    from pp_runtime.weight_grad import WeightGradQueue
+    from pp_runtime.distributed.parallel import init_parallel
+    from pp_runtime.model.split_linear import WeightGradQueue
 
     args = {"tiny": TINY, "tiny-moe": TINY_MOE}[preset_name]
     ctx = init_parallel(2, 1, "cpu")
@@ -207,8 +207,8 @@ def test_expert_adapters_equal_merged_expert_weights(backend):
     """Each expert's adapter through the experts' own matmul backend (the CPU loop, and the batched
     matmul GPUs without grouped GEMM use) == that expert's weight with s * B @ A added: outputs and
     the gradients of x and of A, B (the merged weights' gradient pulled back by hand)."""
-    from pp_runtime.args import MoeArgs
-    from pp_runtime.moe import MoeFeedForward, experts_forward
+    from pp_runtime.model.args import MoeArgs
+    from pp_runtime.model.moe import MoeFeedForward, experts_forward
 
     args = preset("tiny-moe", moe=MoeArgs(4, 2))
     torch.manual_seed(0)

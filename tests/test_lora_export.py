@@ -20,15 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import _WORDS
-from pp_runtime import train_checkpoint as tc
-from pp_runtime.attention_meta import build_training_meta
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.training import checkpoint as tc
 from ckpt_helpers import save_hf_checkpoint
-from pp_runtime.checkpoint import full_spec, load_stage_module
-from pp_runtime.config import load_config
+from pp_runtime.checkpoints.formats import full_spec, load_stage_module
 from pp_runtime.errors import CheckpointError, ConfigError
-from pp_runtime.lora import LoraConfig, apply_lora, lora_config, merge_lora_
-from pp_runtime.partition import plan_for
-from pp_runtime.peft_export import export_peft, write_peft_adapter
+from pp_runtime.jobs.config import load_config
+from pp_runtime.model.partition import plan_for
+from pp_runtime.training.lora import LoraConfig, apply_lora, lora_config, merge_lora_
+from pp_runtime.training.peft_export import export_peft, write_peft_adapter
 
 ALL = "[wq,wk,wv,wo,w1,w2,w3]"
 
@@ -60,7 +60,7 @@ def train_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _train(ckpt: Path, data: Path, out: Path) -> Path:
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     assert one_thread(run, load_config("finetune", train_args(ckpt, data, out))) == 0
     return out
@@ -142,7 +142,7 @@ def test_merged_export_equals_base_plus_adapter(lora_run):
 
 def test_adapter_applied_per_stage_equals_merged_export(lora_run, tmp_path):
     """What model.adapter does on each stage of a 2-stage pipeline chains to the merged export's logits."""
-    from pp_runtime.peft_export import apply_peft_adapter_
+    from pp_runtime.training.peft_export import apply_peft_adapter_
 
     base, out = lora_run
     ckpt = tc.latest_checkpoint(out / "checkpoints")
@@ -193,7 +193,8 @@ def test_peft_folder_loads_in_peft_with_the_same_logits(lora_run, tmp_path):
 
 # ---------------------------------------------------------------------------------- inference
 def _infer(job: str, *overrides: str) -> list[dict]:
-    from pp_runtime import batch_job, infer_job
+    from pp_runtime.jobs import batch as batch_job
+    from pp_runtime.jobs import infer as infer_job
 
     run = {"infer": infer_job.run, "batch_infer": batch_job.run}[job]
     assert one_thread(run, load_config(job, ["device=cpu", "max_new_tokens=6", "progress=false", *overrides])) == 0
@@ -224,12 +225,12 @@ def test_infer_with_adapter_equals_infer_on_merged_export(lora_run, tmp_path):
 @pytest.fixture(scope="module")
 def good_adapter(tiny_ckpt, tmp_path_factory) -> Path:
     """A random rank-4 adapter on every projection of the tiny model, in PEFT format."""
-    from pp_runtime.checkpoint import load_model_args
+    from pp_runtime.checkpoints.formats import load_model_args
 
     args = load_model_args(tiny_ckpt)
     lcfg = LoraConfig(4, 8.0, 0.0, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
     with torch.device("meta"):
-        from pp_runtime.model import StageModule
+        from pp_runtime.model.transformer import StageModule
 
         model = StageModule(args, full_spec(args))
     apply_lora(model, lcfg)
@@ -270,7 +271,7 @@ BAD_ADAPTERS = {
 
 @pytest.mark.parametrize("case", list(BAD_ADAPTERS))
 def test_bad_adapter_is_one_clear_error(case, good_adapter, tiny_ckpt, tmp_path, monkeypatch):
-    from pp_runtime import infer_job
+    from pp_runtime.jobs import infer as infer_job
 
     make, message = BAD_ADAPTERS[case]
     where = tmp_path / "nothere" if make is None else make(good_adapter, tmp_path / case)
@@ -282,8 +283,8 @@ def test_bad_adapter_is_one_clear_error(case, good_adapter, tiny_ckpt, tmp_path,
 
 
 def test_good_adapter_is_accepted(good_adapter, tiny_ckpt):
-    from pp_runtime.checkpoint import load_model_args
-    from pp_runtime.peft_export import apply_peft_adapter_
+    from pp_runtime.checkpoints.formats import load_model_args
+    from pp_runtime.training.peft_export import apply_peft_adapter_
 
     args = load_model_args(tiny_ckpt)
     module = load_stage_module(tiny_ckpt, args, full_spec(args))

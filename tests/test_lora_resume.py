@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pp_runtime import train_checkpoint as tc
-from pp_runtime.config import load_config
 from pp_runtime.errors import CheckpointError
+from pp_runtime.jobs.config import load_config
+from pp_runtime.training import checkpoint as tc
 from test_lora_export import data_file, one_thread  # noqa: F401,F811 - data_file: the fixture
 from test_train_checkpoint import _spawn, losses
 
@@ -27,7 +27,7 @@ def argv(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_ckpt, data_file, tmp_path_factory) -> Path:  # noqa: F811
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     out = tmp_path_factory.mktemp("lora_whole")
     assert one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, out, "export=null"))) == 0
@@ -61,7 +61,7 @@ def test_kill_and_resume_continues_the_loss_curve(uninterrupted, interrupted):
 @pytest.mark.timeout(120)
 def test_adapter_checkpoint_resumes_under_another_split(interrupted, uninterrupted, tiny_ckpt, data_file,  # noqa: F811
                                                        tmp_path):
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     step2 = interrupted / "checkpoints" / "step_00000002"
     assert len(tc.read_manifest(step2)["stages"]) == 2
@@ -82,7 +82,7 @@ def test_adapter_checkpoint_resumes_under_another_split(interrupted, uninterrupt
 def test_a_changed_lora_setting_is_another_run(change, shown, uninterrupted, tiny_ckpt, data_file, tmp_path):  # noqa: F811
     import shutil
 
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
     with pytest.raises(CheckpointError, match="holds another run") as err:
@@ -93,11 +93,11 @@ def test_a_changed_lora_setting_is_another_run(change, shown, uninterrupted, tin
 def test_dropout_is_reproduced_by_activation_checkpointing():
     """The recomputed forward draws the same dropout masks: the same gradients as without recomputation,
     and different ones from dropout 0 (the masks do apply); eval mode has no dropout."""
-    from pp_runtime.args import preset
-    from pp_runtime.attention_meta import build_training_meta
-    from pp_runtime.checkpoint import full_spec
-    from pp_runtime.lora import LoraConfig, apply_lora
-    from pp_runtime.runtime import ModelSource
+    from pp_runtime.checkpoints.formats import full_spec
+    from pp_runtime.checkpoints.model_source import ModelSource
+    from pp_runtime.model.args import preset
+    from pp_runtime.model.attention_meta import build_training_meta
+    from pp_runtime.training.lora import LoraConfig, apply_lora
 
     args = preset("tiny", vocab_size=64)
     meta = build_training_meta([[12, 8]], window=args.sliding_window, head_dim=args.head_dim,
@@ -125,7 +125,7 @@ def test_dropout_is_reproduced_by_activation_checkpointing():
 
 def test_resuming_adapters_of_another_rank_deliberately_is_a_clear_error(uninterrupted, tiny_ckpt, data_file,  # noqa: F811
                                                                          tmp_path):
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     step = uninterrupted / "checkpoints" / "step_00000004"
     with pytest.raises(CheckpointError, match=r"holds layers\.0\.attention\.wq\.lora_A\.weight of shape \[4, 64\] but "

@@ -7,12 +7,12 @@ import torch
 
 from test_train_checkpoint import data_file, one_thread, overrides  # noqa: F401
 
-from pp_runtime.args import ModelArgs, MoeArgs
-from pp_runtime.config import load_config
 from pp_runtime.errors import ConfigError
-from pp_runtime.memory_plan import plan_memory
-from pp_runtime.partition import plan_for
-from pp_runtime.schedules import build_schedule
+from pp_runtime.jobs.config import load_config
+from pp_runtime.model.args import ModelArgs, MoeArgs
+from pp_runtime.model.partition import plan_for
+from pp_runtime.training.memory_plan import plan_memory
+from pp_runtime.training.schedules import build_schedule
 
 ARGS = ModelArgs(dim=32, n_layers=4, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=64,
                  sliding_window=6, max_seq_len=64)
@@ -88,7 +88,7 @@ def test_refusal_names_the_remedies_in_one_line():
 
 def test_finetune_refuses_before_training_when_a_rank_does_not_fit(data_file, tiny_ckpt, tmp_path, monkeypatch):  # noqa: F811
     """On GPU the job compares each rank's estimate with torch.cuda.mem_get_info; here a fake 1 MiB device."""
-    from pp_runtime import finetune_job
+    from pp_runtime.jobs import finetune as finetune_job
 
     monkeypatch.setattr(finetune_job, "device_free_bytes", lambda device: 1 << 20)
     with one_thread(), pytest.raises(ConfigError, match=r"^memory plan: pipeline rank 0 \(stage 0\) needs an estimated .* "

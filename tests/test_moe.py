@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import pp_runtime.train_checkpoint as tc
-from pp_runtime.args import ModelArgs, MoeArgs, preset
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import full_spec, load_stage_module
+import pp_runtime.training.checkpoint as tc
+from pp_runtime.checkpoints.formats import full_spec, load_stage_module
+from pp_runtime.model.args import ModelArgs, MoeArgs, preset
+from pp_runtime.model.attention_meta import build_training_meta
 from ckpt_helpers import random_state_dict, save_hf_checkpoint
-from pp_runtime.model import StageModule
-from pp_runtime.moe import (
+from pp_runtime.model.transformer import StageModule
+from pp_runtime.model.moe import (
     GROUP_ALIGN,
     ExpertLoad,
     MoeFeedForward,
@@ -27,9 +27,9 @@ from pp_runtime.moe import (
     stack_experts_,
     unstack_experts,
 )
-from pp_runtime.partition import plan_for
-from pp_runtime.random_checkpoint import write_random_checkpoint
-from pp_runtime.runtime import ModelSource
+from pp_runtime.checkpoints.model_source import ModelSource
+from pp_runtime.checkpoints.random_weights import write_random_checkpoint
+from pp_runtime.model.partition import plan_for
 from reference import _moe, moe_expert_loop
 
 ARGS = preset("tiny-moe")  # dim 64, hidden 96, 8 experts, top-2
@@ -179,10 +179,10 @@ def test_activation_checkpointing_counts_each_token_once():
 
 
 def test_fine_tuning_step_reports_expert_load(tmp_path):
-    from pp_runtime.parallel import init_parallel
-    from pp_runtime.schedules import build_schedule
-    from pp_runtime.train_data import Document, PackedDataset
-    from pp_runtime.trainer import TrainConfig, Trainer
+    from pp_runtime.distributed.parallel import init_parallel
+    from pp_runtime.training.data import Document, PackedDataset
+    from pp_runtime.training.schedules import build_schedule
+    from pp_runtime.training.trainer import TrainConfig, Trainer
 
     args = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=32, n_heads=4, n_kv_heads=2, vocab_size=64,
                      sliding_window=6, max_seq_len=64, moe=MoeArgs(4, 2))

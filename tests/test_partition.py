@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from pp_runtime.args import preset
 from pp_runtime.errors import ConfigError
-from pp_runtime.partition import LayerCosts, model_costs, partition, plan_for
+from pp_runtime.model.args import preset
+from pp_runtime.model.partition import LayerCosts, model_costs, partition, plan_for
 
 
 def _brute_force_best(costs: LayerCosts, n: int) -> float:
@@ -65,7 +65,7 @@ def test_virtual_stages_interleave_ranks():
 def test_v_placement_balances_the_ranks():
     """The V puts the embedding and the head on rank 0: of the splits with the least slowest stage,
     the one that loads the ranks most evenly is taken (checked against every split)."""
-    from pp_runtime.schedules import v_placement
+    from pp_runtime.training.schedules import v_placement
 
     costs = LayerCosts(embedding=0.5, blocks=(1.0,) * 7, head=3.0)
     ranks = v_placement(2)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from pp_runtime.checkpoint import load_stage_state
-from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline
-from pp_runtime.parallel import init_parallel
-from pp_runtime.partition import plan_for
-from pp_runtime.runtime import ModelSource
-from pp_runtime.sampling import SamplingParams
-from pp_runtime.scheduler import Request
+from pp_runtime.checkpoints.formats import load_stage_state
+from pp_runtime.checkpoints.model_source import ModelSource
+from pp_runtime.distributed.parallel import init_parallel
+from pp_runtime.inference.batching import Request
+from pp_runtime.inference.engine import InferenceConfig, StageRunner, run_pipeline
+from pp_runtime.inference.sampling import SamplingParams
+from pp_runtime.model.partition import plan_for
 from reference import naive_greedy
 
 N_PROMPTS = 7
@@ -40,7 +40,7 @@ def _generate_all(rank: int, world: int, jobs: list[tuple[str, list[tuple[int, i
 def _generate(rank: int, world: int, ckpt: str, settings: list[tuple[int, int]]) -> dict:
     """Generate under each (microbatches, batch_size); rank 0 returns tokens/logprobs, every rank its cache bytes."""
     ctx = init_parallel(device="cpu")
-    source = ModelSource.from_config({"path": ckpt})
+    source = ModelSource.from_path(ckpt)
     args = source.args
     spec = plan_for(args, world).stages[rank]
     module = source.build_stage(spec, torch.float64, ctx.device)
@@ -64,7 +64,7 @@ def reference_runs(tiny_ckpt, tiny_moe_ckpt):
 
 
 def test_single_process_greedy_equals_cache_free_reference(tiny_ckpt, reference_runs):
-    source = ModelSource.from_config({"path": str(tiny_ckpt)})
+    source = ModelSource.from_path(str(tiny_ckpt))
     args = source.args
     sd = load_stage_state(tiny_ckpt, args, plan_for(args, 1).stages[0], torch.float64, "cpu")
     compared = 0
@@ -98,7 +98,7 @@ def test_pipelined_equals_single_process(world, tiny_ckpt, tiny_moe_ckpt, refere
                 assert reason == ref[uid][2]
                 torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref[uid][1]), rtol=0, atol=1e-9)
         # each stage caches only its own layers
-        args = ModelSource.from_config({"path": str(path)}).args
+        args = ModelSource.from_path(str(path)).args
         seen_layers = []
         for r in ranks:
             seen_layers += r["layers"]

@@ -21,10 +21,10 @@ import torch  # noqa: E402
 import triton.language.standard  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from pp_runtime import ring_attention as ra  # noqa: E402
-from pp_runtime.args import preset  # noqa: E402
-from pp_runtime.attention_meta import SeqChunk, build_inference_meta  # noqa: E402
-from pp_runtime.model import Attention, apply_rope  # noqa: E402
+from pp_runtime.inference import ring_attention as ra  # noqa: E402
+from pp_runtime.model.args import preset  # noqa: E402
+from pp_runtime.model.attention_meta import SeqChunk, build_inference_meta  # noqa: E402
+from pp_runtime.model.transformer import Attention, apply_rope  # noqa: E402
 
 NAN = float("nan")
 

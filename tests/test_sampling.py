@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pp_runtime.errors import ConfigError
-from pp_runtime.sampling import SamplingBatch, SamplingParams, random_bits, sample_tokens
+from pp_runtime.inference.sampling import SamplingBatch, SamplingParams, random_bits, sample_tokens
 
 CPU = torch.device("cpu")
 MASK64 = 2**64 - 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pp_runtime.errors import InputError
-from pp_runtime.sampling import SamplingParams
-from pp_runtime.scheduler import Request, SchedulerConfig, StepScheduler
+from pp_runtime.inference.batching import Request, SchedulerConfig, StepScheduler
+from pp_runtime.inference.sampling import SamplingParams
 
 
 def _requests(lengths, max_new=3):
@@ -62,10 +62,10 @@ def test_scheduler_spreads_the_last_sequences_over_the_micro_batches_in_flight()
 def test_ring_without_a_window_is_sized_from_free_memory():
     """Mixtral's shape on one 141 GB GPU holding half the model: the ring follows the budget (not the
     32k context), shrinks with more slots, and a budget that cannot hold it names the settings."""
-    from pp_runtime.args import preset
-    from pp_runtime.engine import InferenceConfig
     from pp_runtime.errors import ConfigError
-    from pp_runtime.stage_runner import fit_cache_len
+    from pp_runtime.inference.engine import InferenceConfig
+    from pp_runtime.inference.stage_runner import fit_cache_len
+    from pp_runtime.model.args import preset
 
     args = preset("mixtral-8x7b")
     cfg = InferenceConfig().resolved(args, 2)

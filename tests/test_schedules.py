@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pp_runtime.errors import ConfigError
-from pp_runtime.schedules import (
+from pp_runtime.training.schedules import (
     Action,
     Schedule,
     build_schedule,
@@ -26,8 +26,8 @@ from pp_runtime.schedules import (
     schedule_zb_v,
     v_placement,
 )
-from pp_runtime.simulator import ScheduleError, simulate
-from pp_runtime.timeline import draw_timeline, main as timeline_main
+from pp_runtime.training.simulator import ScheduleError, simulate
+from pp_runtime.training.timeline import draw_timeline, main as timeline_main
 
 RANKS = range(2, 9)
 MICROBATCHES = range(1, 17)
@@ -374,7 +374,7 @@ def test_timeline_cli_fails_on_broken_file(tmp_path):
     save_schedule(broken, path)
     out = tmp_path / "never.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "pp_runtime.timeline", "--file", str(path), "--out", str(out)],
+        [sys.executable, "-m", "pp_runtime.training.timeline", "--file", str(path), "--out", str(out)],
         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode != 0

@@ -16,13 +16,13 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from pp_runtime import train_checkpoint as tc
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import full_spec, load_stage_module
-from pp_runtime.config import load_config
+from pp_runtime.checkpoints.formats import full_spec, load_stage_module
 from pp_runtime.errors import CheckpointError
-from pp_runtime.model import StageModule
-from pp_runtime.partition import plan_for
+from pp_runtime.jobs.config import load_config
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.model.partition import plan_for
+from pp_runtime.model.transformer import StageModule
+from pp_runtime.training import checkpoint as tc
 
 STEPS = 6
 
@@ -101,7 +101,7 @@ def _child(rank: int, world: int, port: int, argv: list[str], kill: tuple | None
 
             tc._write_shard = write_shard
         elif what == "in-step":  # between checkpoint writes, in the middle of a step
-            from pp_runtime.executor import PipelineExecutor
+            from pp_runtime.training.executor import PipelineExecutor
 
             orig_run = PipelineExecutor.run
 
@@ -111,7 +111,7 @@ def _child(rank: int, world: int, port: int, argv: list[str], kill: tuple | None
                     _kill_self()
                 return rec
 
-            from pp_runtime.trainer import Trainer
+            from pp_runtime.training.trainer import Trainer
 
             orig_step = Trainer.step
 
@@ -120,7 +120,7 @@ def _child(rank: int, world: int, port: int, argv: list[str], kill: tuple | None
                 return orig_step(self)
 
             PipelineExecutor.run, Trainer.step = run, step_fn
-    from pp_runtime.finetune_job import run as run_job
+    from pp_runtime.jobs.finetune import run as run_job
 
     run_job(load_config("finetune", argv))
 
@@ -137,7 +137,7 @@ def _spawn(world: int, argv: list[str], kill: tuple | None = None) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(data_file, tiny_ckpt, tmp_path_factory) -> Path:
     """One process, no interruption, exported at the end (runs in this process: world size 1)."""
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     out = tmp_path_factory.mktemp("uninterrupted")
     with one_thread():
@@ -178,7 +178,7 @@ def test_kill_and_resume_gives_the_uninterrupted_loss_curve(uninterrupted, inter
 @pytest.mark.timeout(120)
 def test_resume_under_another_split(interrupted, uninterrupted, data_file, tiny_ckpt, tmp_path):
     """The 2-stage step-4 checkpoint resumed by one process (weights and optimizer re-split)."""
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     argv = overrides(data_file, tiny_ckpt, tmp_path, f"resume={interrupted / 'checkpoints' / 'step_00000004'}")
     with one_thread():
@@ -220,13 +220,13 @@ def test_export_loads_for_inference(uninterrupted):
     ckpt = tc.latest_checkpoint(uninterrupted / "checkpoints")
     args = tc.manifest_args(tc.read_manifest(ckpt))
     module = load_stage_module(export, args, full_spec(args))
-    from pp_runtime.tokenizer import Tokenizer
+    from pp_runtime.io.tokenizer import Tokenizer
 
     vocab = Tokenizer.from_dir(export).vocab_size
     assert json.loads((export / "params.json").read_text()) == {**PARAMS, "n_layers": 4, "vocab_size": vocab}
     torch.testing.assert_close(_chain_logits(ckpt, 1), _run(module, args), rtol=0, atol=0)
     # inference-ready: the infer job loads the folder, tokenizer included, and generates
-    from pp_runtime.infer_job import run as infer
+    from pp_runtime.jobs.infer import run as infer
 
     with one_thread():
         assert infer(load_config("infer", [f"model.path={export}", "prompt=the cat sat", "max_new_tokens=4",

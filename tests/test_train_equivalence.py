@@ -24,16 +24,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pp_runtime.args import ModelArgs, MoeArgs
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.checkpoint import full_spec
-from pp_runtime.parallel import shutdown
-from pp_runtime.partition import plan_for
-from pp_runtime.runtime import ModelSource
-from pp_runtime.schedules import Action, Schedule, build_schedule, schedule_1f1b
-from pp_runtime.simulator import validate
-from pp_runtime.train_data import IGNORE, Document, PackedDataset
-from pp_runtime.trainer import TrainConfig, Trainer, lr_at, param_groups, token_loss
+from pp_runtime.checkpoints.formats import full_spec
+from pp_runtime.checkpoints.model_source import ModelSource
+from pp_runtime.distributed.parallel import shutdown
+from pp_runtime.model.args import ModelArgs, MoeArgs
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.model.partition import plan_for
+from pp_runtime.training.data import IGNORE, Document, PackedDataset
+from pp_runtime.training.schedules import Action, Schedule, build_schedule, schedule_1f1b
+from pp_runtime.training.simulator import validate
+from pp_runtime.training.trainer import TrainConfig, Trainer, lr_at, param_groups, token_loss
 
 DENSE = ModelArgs(dim=32, n_layers=8, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=64,
                   sliding_window=6, max_seq_len=64)
@@ -112,7 +112,7 @@ class Reference:
 
 
 def run_case(name: str, pp: int, dp: int, v: int, args: ModelArgs, ckpt: bool = False) -> None:
-    from pp_runtime.parallel import init_parallel
+    from pp_runtime.distributed.parallel import init_parallel
 
     ctx = init_parallel(pp, dp, "cpu")
     data = dataset(args)
@@ -205,7 +205,7 @@ class _CharTokenizer:
 def test_loss_mask_and_packing(tmp_path):
     import json
 
-    from pp_runtime.train_data import read_documents
+    from pp_runtime.training.data import read_documents
 
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
@@ -243,7 +243,7 @@ def test_row_stream_is_deterministic_and_resumable():
 ])
 def test_bad_lines_name_their_line(tmp_path, line, message):
     from pp_runtime.errors import InputError
-    from pp_runtime.train_data import read_documents
+    from pp_runtime.training.data import read_documents
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")

@@ -1,5 +1,5 @@
 """Bad input and non-finite numbers end a job with one user error (PPRuntimeError, which
-pp_runtime/cli.py prints as one `error:` line with exit 2) before any generation or training, and
+pp_runtime/jobs/cli.py prints as one `error:` line with exit 2) before any generation or training, and
 never write an invalid or silently wrong result. In-process, one rank: no interpreter start-up."""
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, _WORDS
-from pp_runtime import infer_job
+from pp_runtime.jobs import infer as infer_job
 from ckpt_helpers import save_hf_checkpoint
-from pp_runtime.config import load_config
 from pp_runtime.errors import CheckpointError, ConfigError, InputError, TrainingError
+from pp_runtime.jobs.config import load_config
 
 
 def run_job(job: str, args: list[str]) -> int:
-    from pp_runtime import batch_job, finetune_job
+    from pp_runtime.jobs import batch as batch_job
+    from pp_runtime.jobs import finetune as finetune_job
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -50,7 +51,7 @@ def _damage(f: Path, how: str) -> None:
 @pytest.fixture(scope="module")
 def hf_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
     """The tiny checkpoint in Hugging Face layout (config.json + model*.safetensors)."""
-    from pp_runtime.checkpoint import load_model_args
+    from pp_runtime.checkpoints.formats import load_model_args
 
     out = tmp_path_factory.mktemp("tiny_hf")
     args = load_model_args(tiny_ckpt)
@@ -138,8 +139,8 @@ def test_unusable_output_stops_infer_before_generating(case, message, tiny_ckpt,
 
 def test_non_finite_logprob_is_written_as_null():
     """JSON has no NaN: a non-finite logprob becomes null, so every output line parses."""
-    from pp_runtime.sampling import SamplingParams
-    from pp_runtime.scheduler import Completion, Request
+    from pp_runtime.inference.batching import Completion, Request
+    from pp_runtime.inference.sampling import SamplingParams
 
     req = Request(0, "a", "the cat", [1, 5], 3, SamplingParams())
     rec = infer_job.completion_record(Completion(req, [7, 8, 9], [-0.5, float("nan"), float("-inf")], "length"), None)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pp_runtime.args import preset
-from pp_runtime.attention_meta import build_training_meta
-from pp_runtime.partition import plan_for
-from pp_runtime.runtime import ModelSource
-from pp_runtime.weight_grad import Linear, WeightGradQueue, enable_split_backward
+from pp_runtime.checkpoints.model_source import ModelSource
+from pp_runtime.model.args import preset
+from pp_runtime.model.attention_meta import build_training_meta
+from pp_runtime.model.partition import plan_for
+from pp_runtime.model.split_linear import Linear, WeightGradQueue, enable_split_backward
 
 
 def _model_and_batch(name: str, checkpointing: bool = False):

@@ -22,13 +22,13 @@ import torch.multiprocessing as mp
 from test_train_checkpoint import STEPS, _spawn, data_file, losses, one_thread, overrides, uninterrupted  # noqa: F401
 from test_train_equivalence import CFG, DENSE, MOE, MICRO, Reference, dataset, free_port
 
-from pp_runtime import train_checkpoint as tc
-from pp_runtime.config import load_config
-from pp_runtime.parallel import shutdown
-from pp_runtime.partition import plan_for
-from pp_runtime.runtime import ModelSource
-from pp_runtime.schedules import build_schedule
-from pp_runtime.trainer import TrainConfig, Trainer
+from pp_runtime.checkpoints.model_source import ModelSource
+from pp_runtime.distributed.parallel import shutdown
+from pp_runtime.jobs.config import load_config
+from pp_runtime.model.partition import plan_for
+from pp_runtime.training import checkpoint as tc
+from pp_runtime.training.schedules import build_schedule
+from pp_runtime.training.trainer import TrainConfig, Trainer
 
 N_STEPS = 3
 
@@ -94,7 +94,7 @@ def cpu_adam_case(ctx, name: str, pp: int, args, zero: int) -> None:
 
 
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
-    from pp_runtime.parallel import init_parallel
+    from pp_runtime.distributed.parallel import init_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -131,7 +131,7 @@ def test_zero1_and_cpu_adam_on_one_stage_two_replicas():
 
 @pytest.mark.timeout(600)
 def test_cpu_adam_matches_torch_adamw_in_one_process():
-    from pp_runtime.parallel import init_parallel
+    from pp_runtime.distributed.parallel import init_parallel
 
     with one_thread():
         cpu_adam_case(init_parallel(1, 1, "cpu"), "1f1b", 1, DENSE, 0)
@@ -163,7 +163,7 @@ def test_zero1_kill_and_resume_gives_the_uninterrupted_loss_curve(zero_interrupt
 def test_zero1_checkpoint_resumes_under_another_replica_count(zero_interrupted, uninterrupted, data_file,  # noqa: F811
                                                               tiny_ckpt, tmp_path, capsys):
     """The step-4 checkpoint of 2 ZeRO replicas, resumed by one process (ZeRO-1 over 1 replica)."""
-    from pp_runtime.finetune_job import run
+    from pp_runtime.jobs.finetune import run
 
     ckpt = zero_interrupted / "checkpoints" / "step_00000004"
     argv = overrides(data_file, tiny_ckpt, tmp_path, f"resume={ckpt}", "train.zero=1")
@@ -215,8 +215,8 @@ def test_cpu_adam_without_deepspeed_or_its_op_is_one_line(monkeypatch):
 
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
-    from pp_runtime.cpu_offload import cpu_adam_class
     from pp_runtime.errors import ConfigError
+    from pp_runtime.training.cpu_offload import cpu_adam_class
 
     def broken(self, *a, **k):
         raise RuntimeError("Error building extension 'cpu_adam'\nninja: build stopped")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime.args import preset  # noqa: E402
-from pp_runtime.partition import plan_for  # noqa: E402
+from pp_runtime.model.args import preset  # noqa: E402
+from pp_runtime.model.partition import plan_for  # noqa: E402
 
 stages = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 for name in ("mistral-7b", "mixtral-8x7b"):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
-from pp_runtime.parallel import init_parallel, shutdown  # noqa: E402
-from pp_runtime.partition import plan_for  # noqa: E402
-from pp_runtime.runtime import ModelSource, resolve_dtype  # noqa: E402
-from pp_runtime.args import preset  # noqa: E402
-from pp_runtime.sampling import SamplingParams  # noqa: E402
-from pp_runtime.scheduler import Request  # noqa: E402
+from pp_runtime.checkpoints.model_source import ModelSource, resolve_dtype  # noqa: E402
+from pp_runtime.distributed.parallel import init_parallel, shutdown  # noqa: E402
+from pp_runtime.inference.batching import Request  # noqa: E402
+from pp_runtime.inference.engine import InferenceConfig, StageRunner, run_pipeline  # noqa: E402
+from pp_runtime.inference.sampling import SamplingParams  # noqa: E402
+from pp_runtime.model.args import preset  # noqa: E402
+from pp_runtime.model.partition import plan_for  # noqa: E402
 
 # 1. process groups from torchrun's environment: world = data-parallel x pipeline stages
 ctx = init_parallel(device="auto")

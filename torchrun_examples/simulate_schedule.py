@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pp_runtime.schedules import build_schedule  # noqa: E402
-from pp_runtime.simulator import simulate  # noqa: E402
-from pp_runtime.timeline import draw_timeline  # noqa: E402
+from pp_runtime.training.schedules import build_schedule  # noqa: E402
+from pp_runtime.training.simulator import simulate  # noqa: E402
+from pp_runtime.training.timeline import draw_timeline  # noqa: E402
 
 for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
     schedule = build_schedule(name, n_ranks=4, n_microbatches=8, virtual_stages=v)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pp_runtime.demo import task
-from pp_runtime.threads import per_process
+from pp_runtime.distributed.threads import per_process
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path(__file__).resolve().parent / "model"

@@ -1,0 +1,1 @@
+"""Generation: requests, continuous batching, the pipelined engine, stage runners, sampling, kernels."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: schedules, simulator, executor, trainer, data, checkpoints, LoRA, optimizer sharding."""
