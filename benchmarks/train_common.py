@@ -26,6 +26,7 @@ from pp_runtime.model.args import ModelArgs  # noqa: E402
 from pp_runtime.model.partition import StageSpec  # noqa: E402
 from pp_runtime.model.transformer import StageModule  # noqa: E402
 from pp_runtime.training.data import Document, PackedDataset  # noqa: E402
+from pp_runtime.training.memory_plan import stage_params  # noqa: E402
 
 GB = 1e9
 
@@ -101,11 +102,6 @@ def synthetic_data(a: argparse.Namespace) -> PackedDataset:
     rng = random.Random(a.seed)
     docs = [Document([rng.randrange(a.vocab) for _ in range(a.seq)], [True] * a.seq) for _ in range(a.microbatches)]
     return PackedDataset.from_documents(docs, a.seq, shuffle=False)
-
-
-def stage_params(margs: ModelArgs, spec: StageSpec) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in StageModule(margs, spec).parameters())
 
 
 def estimate_memory_gb(a: argparse.Namespace, margs: ModelArgs, specs: Sequence[StageSpec], held: int,

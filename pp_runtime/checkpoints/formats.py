@@ -370,7 +370,7 @@ def random_tensor(name: str, shape: Sequence[int], seed: int, dtype: torch.dtype
     return (torch.randn(tuple(shape), generator=gen, device=device) * 0.02).to(dtype)
 
 
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {  # torch dtype -> safetensors header name
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -382,6 +382,7 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}  # header name -> torch dtype
 
 
 def write_safetensors_streaming(
@@ -398,7 +399,7 @@ def write_safetensors_streaming(
     offset = 0
     for name, shape, dt in entries:
         size = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
-        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

@@ -16,16 +16,17 @@ from pp_runtime.model.partition import StageSpec
 from pp_runtime.model.transformer import StageModule
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = {  # names a user may give (model.dtype, --dtype) -> torch dtype
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
+    if name not in DTYPES:
         raise ConfigError(f"model.dtype={name!r}: use auto, float32, bfloat16, float16 or float64")
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 @dataclass

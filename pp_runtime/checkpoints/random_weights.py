@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 import torch
 
 from pp_runtime.checkpoints.formats import full_spec, random_tensor, stage_shapes, write_safetensors_streaming
+from pp_runtime.checkpoints.model_source import DTYPES
 from pp_runtime.errors import PPRuntimeError
 from pp_runtime.model.args import PRESETS, ModelArgs, preset
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 NO_TOKENIZER_NOTE = (

@@ -145,7 +145,7 @@ def _finite(group, key, name: Optional[str] = None) -> float:
     return x
 
 
-def load_tokenizer(cfg: DictConfig, source: ModelSource):
+def training_tokenizer(cfg: DictConfig, source: ModelSource):
     """The data's tokenizer. From scratch, the model's vocab_size becomes the tokenizer's (so the
     export is inference-ready) unless model.args sets vocab_size explicitly."""
     from pp_runtime.io.tokenizer import Tokenizer
@@ -235,7 +235,7 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     if OmegaConf.is_missing(cfg.data, "path") or cfg.data.path == "":  # null: the demo task
         raise ConfigError("fine-tuning needs data.path=FILE.jsonl ({\"text\": ...} or {\"prompt\", \"completion\"} lines)")
     source = training_source(cfg.model)
-    tokenizer = load_tokenizer(cfg, source)
+    tokenizer = training_tokenizer(cfg, source)
     args = source.args
     schedule = make_schedule(cfg, ctx.pp_size)
     tcfg = train_config(cfg)

@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from pp_runtime.checkpoints.formats import check_finite, full_spec, open_safetensors, stage_shapes, write_safetensors_streaming
+from pp_runtime.checkpoints.formats import (TORCH_DTYPES, check_finite, full_spec, open_safetensors, stage_shapes,
+                                           write_safetensors_streaming)
 from pp_runtime.errors import CheckpointError, ConfigError, PPRuntimeError
 from pp_runtime.model.args import ModelArgs
 from pp_runtime.model.moe import per_expert_names, stack_experts_, unstack_experts
@@ -381,7 +382,7 @@ def export_checkpoint(
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {len(missing)} weight(s), e.g. {missing[0]}; cannot export it")
         stored = {n: where[n].get_slice(n).get_dtype() for n in shapes}
-        dtypes = {n: dtype or _ST_TO_TORCH[stored[n]] for n in shapes}
+        dtypes = {n: dtype or TORCH_DTYPES[stored[n]] for n in shapes}
         out.mkdir(parents=True, exist_ok=True)
         part = out / "consolidated.safetensors.partial"
         write_safetensors_streaming(part, [(n, shapes[n], dtypes[n]) for n in shapes],
@@ -397,8 +398,6 @@ def export_checkpoint(
         shutil.copyfile(src, out / "tokenizer.model")
     return out
 
-
-_ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

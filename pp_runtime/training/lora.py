@@ -323,6 +323,7 @@ def export_merged(path: str | Path, out: str | Path, *, tokenizer: Optional[str 
     import shutil
 
     from pp_runtime.checkpoints.formats import full_spec, stage_shapes, write_safetensors_streaming
+    from pp_runtime.checkpoints.model_source import DTYPES
     from pp_runtime.training import checkpoint as tc
 
     path, out = Path(path), Path(out)
@@ -332,7 +333,7 @@ def export_merged(path: str | Path, out: str | Path, *, tokenizer: Optional[str 
         raise CheckpointError(f"{path} is not a LoRA checkpoint")
     adapters = load_adapters(path, manifest)
     source = checkpoint_base(manifest)
-    model_dtype = _dtype(str((manifest.get("run") or {}).get("model.dtype") or "float32"))
+    model_dtype = DTYPES.get(str((manifest.get("run") or {}).get("model.dtype")), torch.float32)
     out_dtype = dtype or model_dtype
     shapes = stage_shapes(source.args, full_spec(source.args))
     base = iter_base_tensors(source, model_dtype)  # as training saw them: in the model dtype
@@ -353,11 +354,6 @@ def export_merged(path: str | Path, out: str | Path, *, tokenizer: Optional[str 
 
         shutil.copyfile(Tokenizer.from_dir(tok).path, out / "tokenizer.model")
     return out
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float64": torch.float64}.get(name, torch.float32)
 
 
 # ---------------------------------------------------------------------------------- the job's use
