@@ -23,7 +23,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from pp_runtime.model.args import preset  # noqa: E402
 from pp_runtime.model.moe import GEMV_MAX_TOKENS, MoeFeedForward, experts_forward, pick_backend, uses_gemv  # noqa: E402
-from pp_runtime.model.transformer import moe_gemv as mg  # noqa: E402
+from pp_runtime.model import moe_gemv as mg  # noqa: E402
 
 DIM, HIDDEN, K = 64, 96, 2
 SMALL = mg.GemvBlocks(block_h=32, block_d=32, block_n=16, block_k=64)  # several tiles; hidden 96 = 64 + a masked 32

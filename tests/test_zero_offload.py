@@ -137,6 +137,28 @@ def test_cpu_adam_matches_torch_adamw_in_one_process():
         cpu_adam_case(init_parallel(1, 1, "cpu"), "1f1b", 1, DENSE, 0)
 
 
+def test_cpu_adam_steps_on_the_process_share_of_cores(monkeypatch):
+    """torchrun's OMP_NUM_THREADS=1 must not leave the host step on one core: during DeepSpeed's step
+    torch (whose OpenMP runtime the op shares) runs cores / local ranks threads, then goes back."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from pp_runtime.distributed import threads
+    from pp_runtime.distributed.parallel import init_parallel
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 6)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine: 3 cores each
+    seen = []
+    real_step = DeepSpeedCPUAdam.step
+    monkeypatch.setattr(DeepSpeedCPUAdam, "step", lambda self, *a, **k: (seen.append(torch.get_num_threads()),
+                                                                          real_step(self, *a, **k))[1])
+    with one_thread():
+        off = _trainer(init_parallel(1, 1, "cpu"), DENSE, "1f1b", 1, torch.float32, optimizer="cpu_adam")
+        off.step()
+        after = torch.get_num_threads()
+    assert seen and set(seen) == {3}, seen
+    assert after == 1
+
+
 # --- kill -9 and resume through launch/finetune.py ---------------------------------------------------
 
 
