@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pp_runtime.inference import ring_attention as ra  # noqa: E402
 from pp_runtime.model.args import preset  # noqa: E402
 from pp_runtime.model.attention_meta import SeqChunk, build_inference_meta  # noqa: E402
-from pp_runtime.model.transformer import Attention, _write  # noqa: E402
+from pp_runtime.model.kv_cache import LayerCacheView  # noqa: E402
+from pp_runtime.model.transformer import Attention  # noqa: E402
 
 ARGS = preset("mistral-7b")
 H, HKV, D, W = ARGS.n_heads, ARGS.n_kv_heads, ARGS.head_dim, ARGS.sliding_window
@@ -36,17 +37,8 @@ DEV = "cuda"
 
 def sdpa_step(attn: Attention, q, k, v, cache, meta):
     """The body of model.Attention.forward after RoPE: pad to rows, masked SDPA, scatter into the ring."""
-    ck, cv = cache
-    qr = meta.to_rows(q)
-    if meta.write_first:
-        _write(ck, cv, k, v, meta)
-        keys = ck.index_select(0, meta.slots)[:, : meta.cache_read_len]
-        values = cv.index_select(0, meta.slots)[:, : meta.cache_read_len]
-    else:
-        keys = torch.cat([ck.index_select(0, meta.slots)[:, : meta.cache_read_len], meta.to_rows(k)], dim=1)
-        values = torch.cat([cv.index_select(0, meta.slots)[:, : meta.cache_read_len], meta.to_rows(v)], dim=1)
-        _write(ck, cv, k, v, meta)
-    return meta.from_rows(attn._sdpa(qr, keys, values, meta.mask))
+    keys, values = LayerCacheView(*cache, meta.cache_access).update(k, v, meta.to_rows)
+    return meta.from_rows(attn._sdpa(meta.to_rows(q), keys, values, meta.mask))
 
 
 def kernel_step(q, k, v, cache, batch, num_splits=1, **cfg):

@@ -17,4 +17,6 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    hydra_main("finetune", main, sweeps=True)
+    # expandable segments: the flat optimizer buffers (ZeRO-1, cpu_adam) no longer strand freed activation
+    # blocks; on 2 H200s a 7B ZeRO-1 step reserved 91 GiB instead of 123 GiB, at the same speed
+    hydra_main("finetune", main, sweeps=True, cuda_alloc_conf="expandable_segments:True")

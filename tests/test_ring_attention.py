@@ -24,6 +24,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from pp_runtime.inference import ring_attention as ra  # noqa: E402
 from pp_runtime.model.args import preset  # noqa: E402
 from pp_runtime.model.attention_meta import SeqChunk, build_inference_meta  # noqa: E402
+from pp_runtime.model.kv_cache import LayerCacheView  # noqa: E402
 from pp_runtime.model.transformer import Attention, apply_rope  # noqa: E402
 
 NAN = float("nan")
@@ -235,7 +236,7 @@ def test_steps_match_the_sdpa_path():
         meta = build_inference_meta(chunks, capacity=cap, window=w, head_dim=args.head_dim,
                                     rope_theta=args.rope_theta, n_kv_groups=g)
         x = torch.randn(meta.n_tokens, args.dim, dtype=torch.float64)
-        want = attn(x, meta, sdpa_cache)
+        want = attn(x, meta, LayerCacheView(*sdpa_cache, meta.cache_access))
 
         t = meta.n_tokens
         q = apply_rope(attn.wq(x).view(t, args.n_heads, args.head_dim), meta.cos, meta.sin)

@@ -138,8 +138,8 @@ def test_cpu_adam_matches_torch_adamw_in_one_process():
 
 
 def test_cpu_adam_steps_on_the_process_share_of_cores(monkeypatch):
-    """torchrun's OMP_NUM_THREADS=1 must not leave the host step on one core: during DeepSpeed's step
-    torch (whose OpenMP runtime the op shares) runs cores / local ranks threads, then goes back."""
+    """torchrun's default OMP_NUM_THREADS=1 must not leave the host step on one core: during DeepSpeed's
+    step torch (whose OpenMP runtime the op shares) runs cores / local ranks threads, then goes back."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     from pp_runtime.distributed import threads
@@ -147,6 +147,8 @@ def test_cpu_adam_steps_on_the_process_share_of_cores(monkeypatch):
 
     monkeypatch.setattr(threads, "available_cores", lambda: 6)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine: 3 cores each
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun sets it when the user set nothing
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     seen = []
     real_step = DeepSpeedCPUAdam.step
     monkeypatch.setattr(DeepSpeedCPUAdam, "step", lambda self, *a, **k: (seen.append(torch.get_num_threads()),

@@ -20,14 +20,20 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
-def hydra_main(job: str, run_job: Callable[["DictConfig"], int | None], sweeps: bool = False) -> None:
+def hydra_main(job: str, run_job: Callable[["DictConfig"], int | None], sweeps: bool = False,
+               cuda_alloc_conf: str | None = None) -> None:
     """Run `run_job` under Hydra's full command line over `conf/<job>.yaml`: `--help`, `--cfg job`,
     `--config-dir`/`--config-name`, `+group=option`, and `--multirun` when `sweeps`.
 
     The command line is checked first (`config.check_command_line`), so a bad flag or override is
     one `error:` line and exit 2 rather than Hydra's own report. A failing job ends the process
     with its code (in a sweep, the remaining jobs do not run). Under torchrun every rank runs a
-    sweep's jobs one after another, in the same order, each job on all ranks."""
+    sweep's jobs one after another, in the same order, each job on all ranks.
+
+    `cuda_alloc_conf` becomes PYTORCH_CUDA_ALLOC_CONF unless the user set it (read at the first CUDA
+    allocation, so setting it here is early enough)."""
+    if cuda_alloc_conf:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", cuda_alloc_conf)
 
     def main(argv: list[str]) -> int:
         import hydra

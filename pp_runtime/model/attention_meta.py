@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from pp_runtime.errors import InputError
+from pp_runtime.model.kv_cache import CacheAccess, positions_held, ring_index
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,7 @@ class AttentionMeta:
     row_len: int  # C
     mask: Optional[torch.Tensor]  # [R, 1, G*C, K] bool, True = attend; None means plain causal (is_causal)
     last_index: torch.Tensor  # [R] flat index of the last token of each sequence (inference) or row
-    # Cache access (inference only)
-    slots: Optional[torch.Tensor] = None  # [R] cache slot per row
-    cache_read_len: int = 0  # ring entries read per row
-    write_first: bool = False  # decode: write the new token into the ring, then attend to the ring only
-    write_src: Optional[torch.Tensor] = None  # [N] flat token indices written to the cache
-    write_slot: Optional[torch.Tensor] = None  # [N]
-    write_pos: Optional[torch.Tensor] = None  # [N] ring index (position % capacity)
+    cache_access: Optional[CacheAccess] = None  # inference: how this step reads and extends the KV cache
 
     @property
     def n_tokens(self) -> int:
@@ -97,8 +92,8 @@ def build_inference_meta(
 ) -> AttentionMeta:
     """Metadata for one step over packed sequences that read and extend a rolling KV cache.
 
-    Each chunk attends to what its slot's ring holds (positions < start) plus its own tokens.
-    A token at position p is cached at ring index p % capacity.
+    Each chunk attends to what its slot's ring holds (positions < start) plus its own tokens; the
+    ring's layout is pp_runtime/model/kv_cache.py's (`positions_held`, `ring_index`).
     """
     if not chunks:
         raise ValueError("a step needs at least one sequence chunk")
@@ -131,8 +126,7 @@ def build_inference_meta(
     write_first = c_max == 1
     filled = start + (1 if write_first else 0)  # tokens the ring holds when attention reads it
     read_len = int(min(capacity, max(int(filled.max()), min_read_len)))  # a floor keeps shapes stable for graphs
-    j = torch.arange(read_len)
-    ring_pos = filled[:, None] - 1 - torch.remainder(filled[:, None] - 1 - j[None, :], capacity)  # [R, L]
+    ring_pos = positions_held(filled, read_len, capacity)  # [R, L]
     ring_valid = ring_pos >= 0
     allowed_ring = ring_valid[:, None, :] & _window_allowed(q_pos[:, :, None], ring_pos[:, None, :], window)
     if write_first:
@@ -147,7 +141,7 @@ def build_inference_meta(
     keep = valid & (t[None, :] >= (n[:, None] - capacity))
     write_src = (offsets[:, None] + t[None, :])[keep]
     write_slot = slots[:, None].expand(r, c_max)[keep]
-    write_pos = torch.remainder(q_pos, capacity)[keep]
+    write_pos = ring_index(q_pos, capacity)[keep]
 
     cos, sin = rope_angles(positions, head_dim, rope_theta, rope_dtype)
     dev = torch.device(device)
@@ -162,12 +156,7 @@ def build_inference_meta(
         row_len=c_max,
         mask=mv(_expand_groups(allowed, n_kv_groups)),
         last_index=mv(offsets + n - 1),
-        slots=mv(slots),
-        cache_read_len=read_len,
-        write_first=write_first,
-        write_src=mv(write_src),
-        write_slot=mv(write_slot),
-        write_pos=mv(write_pos),
+        cache_access=CacheAccess(mv(slots), read_len, write_first, mv(write_src), mv(write_slot), mv(write_pos)),
     )
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from pp_runtime.model.args import ModelArgs
 from pp_runtime.model.attention_meta import AttentionMeta
-from pp_runtime.model.kv_cache import RollingKVCache
+from pp_runtime.model.kv_cache import LayerCacheView, RollingKVCache
 from pp_runtime.model.moe import MoeFeedForward
 from pp_runtime.model.partition import StageSpec
 from pp_runtime.model.split_linear import Linear
@@ -59,7 +59,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         meta: AttentionMeta,
-        cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cache: Optional[LayerCacheView] = None,
     ) -> torch.Tensor:
         t = x.shape[0]
         q = self.wq(x).view(t, self.n_heads, self.head_dim)
@@ -71,15 +71,7 @@ class Attention(nn.Module):
         if cache is None:
             keys, values = meta.to_rows(k), meta.to_rows(v)
         else:
-            ck, cv = cache
-            if meta.write_first:
-                _write(ck, cv, k, v, meta)
-                keys = ck.index_select(0, meta.slots)[:, : meta.cache_read_len]
-                values = cv.index_select(0, meta.slots)[:, : meta.cache_read_len]
-            else:
-                keys = torch.cat([ck.index_select(0, meta.slots)[:, : meta.cache_read_len], meta.to_rows(k)], dim=1)
-                values = torch.cat([cv.index_select(0, meta.slots)[:, : meta.cache_read_len], meta.to_rows(v)], dim=1)
-                _write(ck, cv, k, v, meta)
+            keys, values = cache.update(k, v, meta.to_rows)
         out = self._sdpa(qr, keys, values, meta.mask)  # [R, C, H, D]
         return self.wo(meta.from_rows(out).reshape(t, self.n_heads * self.head_dim))
 
@@ -94,11 +86,6 @@ class Attention(nn.Module):
         qg = q.view(r, c, self.n_kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(r, self.n_kv_heads, g * c, d)
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
         return out.view(r, self.n_kv_heads, g, c, d).permute(0, 3, 1, 2, 4).reshape(r, c, h, d)
-
-
-def _write(ck: torch.Tensor, cv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> None:
-    ck[meta.write_slot, meta.write_pos] = k.index_select(0, meta.write_src)
-    cv[meta.write_slot, meta.write_pos] = v.index_select(0, meta.write_src)
 
 
 class FeedForward(nn.Module):
@@ -153,7 +140,7 @@ class StageModule(nn.Module):
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         for lid, block in self.layers.items():
-            layer_cache = cache.layer(int(lid)) if cache is not None else None
+            layer_cache = cache.view(int(lid), meta.cache_access) if cache is not None else None
             if self.activation_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(block, h, meta, layer_cache, use_reentrant=False)
             else:

@@ -17,10 +17,10 @@ without streams, which is what the CPU tests exercise.
 Host memory per parameter of the slice: 12 bytes (master, exp_avg, exp_avg_sq) + 2 (pinned
 model-dtype transfer buffer, GPU only) + one chunk of float32 gradient scratch.
 
-The host step runs on this process's share of the machine's cores (cores / ranks on the machine),
-whatever OMP_NUM_THREADS says: torchrun sets it to 1, which left a 7B model's step on one core
-(14 s per step on 2 H200s). The op shares torch's OpenMP runtime, so `torch.set_num_threads` governs
-its parallel loops; the previous count is restored after the step.
+Under torchrun's default OMP_NUM_THREADS=1 the host step runs on this process's share of the cores
+(cores / ranks on the machine; `threads.host_compute_threads`): on one core a 7B stage's step took
+14 s on 2 H200s, on its 8 cores 2 s. The op shares torch's OpenMP runtime, so `torch.set_num_threads`
+governs its parallel loops; the previous count is restored after the step.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pp_runtime.distributed.threads import local_processes, per_process
+from pp_runtime.distributed.threads import host_compute_threads
 from pp_runtime.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class HostStepper:
         S = flat.layout.shard_numel
         longest = max((hi - lo for lo, hi, _, _ in flat.views), default=1)
         self.scratch = torch.empty(longest, dtype=torch.float32, pin_memory=False)  # float32 gradient of one chunk
-        self.threads = per_process(local_processes())
+        self.threads = host_compute_threads()
         if self.cuda:
             self.lp = torch.empty(S, dtype=flat.model_dtype, pin_memory=True)  # gradients down, weights up
             self.new = torch.empty(S, dtype=flat.model_dtype, device=flat.device)

@@ -104,6 +104,15 @@ class FlatLayout:
         return out
 
 
+def _sum_of_squares(g: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """Float64 sum of squares of `g`, a chunk at a time: `vector_norm(g, dtype=float64)` on the whole
+    slice makes a float64 copy of it (27 GiB for one 7B stage, the peak of a cpu_adam step)."""
+    total = torch.zeros((), dtype=torch.float64, device=g.device)
+    for part in g.split(chunk):
+        total += torch.linalg.vector_norm(part, 2, dtype=torch.float64).square()
+    return total
+
+
 class FlatAdamW:
     """AdamW over this rank's slice of a flat parameter buffer: ZeRO-1 and/or CPU offload.
 
@@ -204,7 +213,7 @@ class FlatAdamW:
     def global_norm(self, grad_clip: float) -> float:
         """Exact global gradient norm over every stage and replica slice; sets the clip coefficient."""
         g = self._grad_lp
-        sq = torch.linalg.vector_norm(g, 2, dtype=torch.float64).pow(2).reshape(1)  # accumulated in float64
+        sq = _sum_of_squares(g).reshape(1)
         if self.zero:
             dist.all_reduce(sq)  # every rank of the world holds a disjoint slice
         elif self.ctx.pp_size > 1:
