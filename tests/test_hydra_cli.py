@@ -128,3 +128,25 @@ def test_experiments_compose_into_runnable_shapes(experiment, job, shape):
     else:
         assert OmegaConf.is_missing(cfg.model, "path")  # the user names the checkpoint
         assert len(plan_for(preset(shape), stages, training=job == "finetune").stages) == stages
+
+
+def test_every_engine_setting_is_a_config_key_with_the_dataclass_default():
+    """The `inference` group's schema is the engine's own dataclass: each of its fields can be set from
+    the command line (inference.attention and inference.gpu_memory_fraction once could not: their
+    defaults lived only in the dataclass), and a value of the wrong type is one line."""
+    import dataclasses
+
+    from pp_runtime.errors import ConfigError
+    from pp_runtime.inference.engine import InferenceConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(InferenceConfig)}
+    assert OmegaConf.to_container(load_config("infer", []).inference) == defaults
+    cfg = load_config("batch_infer", ["inference.attention=sdpa", "inference.gpu_memory_fraction=0.5"])
+    engine = InferenceConfig(**cfg.inference)
+    assert engine.attention == "sdpa" and engine.gpu_memory_fraction == 0.5
+    with pytest.raises(ConfigError, match=r"inference\.batch_size=abc.*could not be converted to Integer"):
+        load_config("infer", ["inference.batch_size=abc"])
+    with pytest.raises(ConfigError, match=r"inference\.attention='xyz': use auto, sdpa or triton"):
+        InferenceConfig(**load_config("infer", ["inference.attention=xyz"]).inference)
+    assert OmegaConf.to_container(load_config("finetune", []).pipeline) == {"stages": None, "data_parallel": 1,
+                                                                           "split": None}

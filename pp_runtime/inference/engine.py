@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,30 +33,39 @@ __all__ = ["InferenceConfig", "RunStats", "StageRunner", "run_pipeline"]
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    microbatches: int = 0  # in flight; 0 = stages + 1 (one more than the pipe holds: the host's turn hides)
-    batch_size: int = 16  # sequences per micro-batch
-    max_batch_tokens: int = 4096  # token budget per micro-batch (prefill chunks + decode tokens)
+    """The generation engine's settings: the `inference` group of the jobs' configs (registered with
+    Hydra as its schema by pp_runtime/jobs/config.py, so these defaults are the only ones)."""
+
+    microbatches: int = 0  # micro-batches in flight; 0 = stages + 1 (one more than the pipe holds: the host's turn hides)
+    batch_size: int = 16  # sequences per micro-batch (cache slots = microbatches x batch_size)
+    max_batch_tokens: int = 4096  # token budget per micro-batch: prefill chunks + decode tokens
     chunk_size: int = 0  # longest prefill chunk; 0 = the sliding window
-    cache_len: int = 0  # ring length per sequence; 0 = the window, or for a model without one the
+    cache_len: int = 0  # ring entries per sequence; 0 = the window, or for a model without one the
     #                     context, shortened on GPU to what gpu_memory_fraction leaves
     cuda_graphs: bool = True  # replay every step as a captured CUDA graph (GPU, fused path)
     attention: str = "auto"  # auto (fused Triton path on GPU, SDPA on CPU) | sdpa | triton
     gpu_memory_fraction: float = 0.9  # share of the GPU that weights, activations and the cache may use
-    cache_from_memory: bool = False  # set by `resolved`: cache_len may shrink to the memory budget
+    cache_from_memory: ClassVar[bool] = False  # set by `resolved`: cache_len may shrink to the memory budget
+
+    def __post_init__(self) -> None:
+        for name in ("microbatches", "batch_size", "max_batch_tokens", "chunk_size", "cache_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"inference.{name}={value!r} must be a whole number (0: the default where it has one)")
+        if self.attention not in ("auto", "sdpa", "triton"):
+            raise ConfigError(f"inference.attention={self.attention!r}: use auto, sdpa or triton")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ConfigError(f"inference.gpu_memory_fraction={self.gpu_memory_fraction} must be in (0, 1]")
 
     def resolved(self, args: ModelArgs, n_stages: int) -> "InferenceConfig":
         capacity = self.cache_len or (args.sliding_window or args.max_seq_len)
         chunk = self.chunk_size or min(args.window, capacity)
         cfg = dataclasses.replace(self, microbatches=self.microbatches or n_stages + 1, chunk_size=chunk,
-                                  cache_len=capacity,
-                                  cache_from_memory=self.cache_len == 0 and args.sliding_window is None)
+                                  cache_len=capacity)
+        object.__setattr__(cfg, "cache_from_memory", self.cache_len == 0 and args.sliding_window is None)
         for name in ("microbatches", "batch_size", "max_batch_tokens", "chunk_size", "cache_len"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"inference.{name}={getattr(cfg, name)} must be at least 1")
-        if cfg.attention not in ("auto", "sdpa", "triton"):
-            raise ConfigError(f"inference.attention={cfg.attention!r}: use auto, sdpa or triton")
-        if not 0 < cfg.gpu_memory_fraction <= 1:
-            raise ConfigError(f"inference.gpu_memory_fraction={cfg.gpu_memory_fraction} must be in (0, 1]")
         return cfg
 
 

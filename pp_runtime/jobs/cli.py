@@ -38,8 +38,9 @@ def hydra_main(job: str, run_job: Callable[["DictConfig"], int | None], sweeps: 
     def main(argv: list[str]) -> int:
         import hydra
 
-        from pp_runtime.jobs.config import CONF_DIR, check_command_line
+        from pp_runtime.jobs.config import CONF_DIR, check_command_line, register_schemas
 
+        register_schemas()
         args = check_command_line(job, argv, sweeps)
         scratch = None
         if args.multirun and int(os.environ.get("RANK", "0")) > 0:

@@ -4,8 +4,9 @@ config's model and pipeline groups into the library's own objects (nothing below
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from pp_runtime.errors import ConfigError
 
@@ -20,6 +21,33 @@ if TYPE_CHECKING:
     from pp_runtime.model.partition import StagePlan
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class PipelineConfig:
+    """The `pipeline` group: world = stages x data_parallel processes (torchrun --nnodes x --nproc_per_node)."""
+
+    stages: Optional[int] = None  # default: world size / data_parallel
+    data_parallel: int = 1  # replicas of the whole pipeline (fine-tuning: gradients summed across them)
+    split: Any = None  # explicit layers per (virtual) stage, e.g. [9,8,8,7]; default: the cost-balanced
+    #                    partition (any value type here: split_from_config says what is wrong with it)
+
+
+def register_schemas() -> None:
+    """The config groups whose single source of defaults is a dataclass: `inference` (the engine's
+    InferenceConfig) and `pipeline`. conf/ holds no YAML for them; `inference=default` and
+    `pipeline=default` in the jobs' defaults lists find these, and Hydra checks overrides' types."""
+    from hydra.core.config_store import ConfigStore
+
+    from pp_runtime.inference.engine import InferenceConfig
+
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    inference = OmegaConf.structured(InferenceConfig)
+    OmegaConf.set_readonly(inference, False)  # the dataclass is frozen; overrides must still apply
+    cs.store(group="inference", name="default", node=inference)
+    cs.store(group="pipeline", name="default", node=PipelineConfig)
 
 
 def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR, config_name: Optional[str] = None,
@@ -62,6 +90,7 @@ def _compose(job: str, overrides: list[str], conf_dir: Path, config_name: str, c
     from omegaconf.errors import OmegaConfBaseException
 
     version.setbase("1.3")
+    register_schemas()
     search_path = create_config_search_path(str(conf_dir))
     if config_dir is not None:
         extra = Path(config_dir).expanduser().resolve()
@@ -80,6 +109,8 @@ def _compose(job: str, overrides: list[str], conf_dir: Path, config_name: str, c
 
 def _config_error(e: Exception, job: str, conf_dir: Path) -> ConfigError:
     text = str(e).strip()
+    if text.startswith("Error merging override") and e.__cause__ is not None:  # say why (a wrong type, ...)
+        text = f"{text}: {str(e.__cause__).strip().splitlines()[0]}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else type(e).__name__
     hint = ""
