@@ -57,6 +57,12 @@ def free_memory(ctx: ParallelContext) -> None:
         torch.cuda.reset_peak_memory_stats(ctx.device)
 
 
+def allocated_gb(ctx: ParallelContext) -> Optional[float]:
+    if ctx.device.type != "cuda":
+        return None
+    return round(torch.cuda.memory_allocated(ctx.device) / GB, 2)
+
+
 def peak_memory_gb(ctx: ParallelContext) -> Optional[float]:
     if ctx.device.type != "cuda":
         return None
