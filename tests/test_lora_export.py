@@ -159,6 +159,22 @@ def test_adapter_applied_per_stage_equals_merged_export(lora_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- peft on transformers
+def test_offline_peft_export_command_writes_the_same_adapter(lora_run, tmp_path, capsys):
+    """`python -m pp_runtime.training.peft_export CKPT OUT` (given the checkpoint folder: its latest
+    step) writes what export_peft does; a folder with no checkpoint is one error line, exit 2."""
+    from pp_runtime.training import peft_export
+
+    _, out = lora_run
+    want = export_peft(tc.latest_checkpoint(out / "checkpoints"), tmp_path / "direct")
+    assert peft_export.main([str(out / "checkpoints"), str(tmp_path / "offline")]) == 0
+    assert "exported the adapter of" in capsys.readouterr().out
+    a, b = load_file(str(want / "adapter_model.safetensors")), load_file(str(tmp_path / "offline" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert peft_export.main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
 def test_peft_folder_loads_in_peft_with_the_same_logits(lora_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")

@@ -38,7 +38,7 @@ import shutil
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 from pp_runtime.checkpoints.formats import (TORCH_DTYPES, check_finite, full_spec, open_safetensors, stage_shapes,
                                            write_safetensors_streaming)
-from pp_runtime.errors import CheckpointError, ConfigError, PPRuntimeError
+from pp_runtime.errors import CheckpointError, PPRuntimeError
 from pp_runtime.model.args import ModelArgs
 from pp_runtime.model.moe import per_expert_names, stack_experts_, unstack_experts
 from pp_runtime.model.partition import StageSpec
@@ -400,6 +400,23 @@ def export_checkpoint(
 
 
 
+def export_command(checkpoint: str, dtype: Optional[str], export: Callable[[Path, Optional[torch.dtype]], Path],
+                   done: str) -> int:
+    """What the export commands share: the checkpoint (a step_* folder or the latest in a folder),
+    `--dtype`, then `export(ckpt, dtype)`; a user error is one line and exit 2. `done` is the success
+    line, formatted with `ckpt` and `out`."""
+    from pp_runtime.checkpoints.model_source import resolve_dtype
+
+    try:
+        ckpt = resolve_resume(checkpoint, Path(checkpoint))
+        out = export(ckpt, resolve_dtype(dtype, torch.device("cpu")) if dtype else None)
+    except PPRuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(done.format(ckpt=ckpt, out=out))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m pp_runtime.training.checkpoint export CKPT OUT [--dtype bfloat16] [--tokenizer DIR]`."""
     p = argparse.ArgumentParser(prog="python -m pp_runtime.training.checkpoint", description=__doc__.splitlines()[0])
@@ -410,17 +427,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
     e.add_argument("--tokenizer", default=None, help="tokenizer.model or its folder (default: the one in the manifest)")
     a = p.parse_args(argv)
-    try:
-        from pp_runtime.checkpoints.model_source import resolve_dtype
-
-        ckpt = resolve_resume(a.checkpoint, Path(a.checkpoint))
-        dtype = resolve_dtype(a.dtype, torch.device("cpu")) if a.dtype else None
-        out = export_checkpoint(ckpt, a.out, tokenizer=a.tokenizer, dtype=dtype)
-    except (PPRuntimeError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {ckpt} to {out}")
-    return 0
+    return export_command(a.checkpoint, a.dtype,
+                          lambda ckpt, dtype: export_checkpoint(ckpt, a.out, tokenizer=a.tokenizer, dtype=dtype),
+                          "exported {ckpt} to {out}")
 
 
 if __name__ == "__main__":

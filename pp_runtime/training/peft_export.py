@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from pp_runtime.errors import CheckpointError, ConfigError, PPRuntimeError
+from pp_runtime.errors import CheckpointError, ConfigError
 from pp_runtime.model.args import ModelArgs
 from pp_runtime.training.lora import LoraConfig, checkpoint_lora, load_adapters
 
@@ -242,18 +242,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("out")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     a = p.parse_args(argv)
-    try:
-        from pp_runtime.checkpoints.model_source import resolve_dtype
-        from pp_runtime.training import checkpoint as tc
+    from pp_runtime.training.checkpoint import export_command
 
-        ckpt = tc.resolve_resume(a.checkpoint, Path(a.checkpoint))
-        dtype = resolve_dtype(a.dtype, torch.device("cpu")) if a.dtype else None
-        out = export_peft(ckpt, a.out, dtype)
-    except PPRuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported the adapter of {ckpt} to {out}")
-    return 0
+    return export_command(a.checkpoint, a.dtype, lambda ckpt, dtype: export_peft(ckpt, a.out, dtype),
+                          "exported the adapter of {ckpt} to {out}")
 
 
 if __name__ == "__main__":
