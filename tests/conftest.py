@@ -18,6 +18,16 @@ _WORDS = ("the cat sat on a mat while two dogs ran past seven red boxes and one 
           "flew over green hills near quiet rivers where small fish swim every day").split()
 
 
+def write_text_docs(path: Path, n: int = 24, min_words: int = 3, seed: int = 3) -> Path:
+    """A JSONL fine-tuning file of `n` {"text": ...} documents of min_words..12 words."""
+    import json
+
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(min_words, 12)))})
+                            + "\n" for _ in range(n)))
+    return path
+
+
 def train_tokenizer(out: Path, vocab_size: int = 200, seed: int = 0, name: str = "tokenizer.model",
                     user_defined_symbols: tuple[str, ...] = (), control_symbols: tuple[str, ...] = ()) -> Path:
     """A small unigram model (BOS=1, EOS=2 as Mistral's) trained on generated sentences, in well under a second.

@@ -5,8 +5,27 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from contextlib import contextmanager
 
+import torch
 import torch.multiprocessing as mp
+
+
+@contextmanager
+def one_thread():
+    """In-process runs: one intra-op thread (steadier on a shared machine), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def in_one_thread(fn, *args):
+    """`fn(*args)` under `one_thread()`."""
+    with one_thread():
+        return fn(*args)
 
 
 def free_port() -> int:
@@ -15,9 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """What torchrun would set for this rank of a one-machine job on 127.0.0.1:port."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
+    rank_environment(rank, world, port)
     try:
         result = fn(rank, world, *args)
     except BaseException:  # noqa: BLE001 - report to the parent instead of hanging it

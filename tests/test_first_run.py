@@ -8,41 +8,26 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, _WORDS
+from conftest import REPO, write_text_docs
+from dist_utils import one_thread
 from pp_runtime.errors import CheckpointError, ConfigError
 from pp_runtime.jobs.config import load_config
 from pp_runtime.training import checkpoint as tc
 
 
-@contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    rng = random.Random(3)
-    path = tmp_path_factory.mktemp("first_run") / "train.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))}) + "\n"
-                            for _ in range(24)))
-    return path
+    return write_text_docs(tmp_path_factory.mktemp("first_run") / "train.jsonl")
 
 
 def finetune(data: Path, model: Path, out: Path, *extra: str) -> None:

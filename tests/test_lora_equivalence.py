@@ -13,7 +13,6 @@ the ones deferred to the W actions.
 from __future__ import annotations
 
 import math
-import os
 import zlib
 
 import pytest
@@ -30,7 +29,8 @@ from pp_runtime.training.data import IGNORE
 from pp_runtime.training.lora import LoraConfig, apply_lora
 from pp_runtime.training.schedules import build_schedule
 from pp_runtime.training.trainer import TrainConfig, Trainer, lr_at, param_groups, token_loss
-from test_train_equivalence import dataset, free_port, split_bw_schedule
+from dist_utils import free_port, rank_environment
+from test_train_equivalence import dataset, split_bw_schedule
 
 TINY = preset("tiny", vocab_size=64)
 TINY_MOE = preset("tiny-moe", vocab_size=64)
@@ -179,8 +179,7 @@ def run_case(name: str, v: int, preset_name: str, targets: tuple, ckpt: bool = F
 
 
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    rank_environment(rank, world, port)
     torch.set_num_threads(1)
     for case in cases:
         run_case(*case)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import _WORDS
+from dist_utils import in_one_thread
 from pp_runtime.model.attention_meta import build_training_meta
 from pp_runtime.training import checkpoint as tc
 from ckpt_helpers import save_hf_checkpoint
@@ -31,15 +32,6 @@ from pp_runtime.training.lora import LoraConfig, apply_lora, lora_config, merge_
 from pp_runtime.training.peft_export import export_peft, write_peft_adapter
 
 ALL = "[wq,wk,wv,wo,w1,w2,w3]"
-
-
-def one_thread(fn, *a):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*a)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +54,7 @@ def train_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def _train(ckpt: Path, data: Path, out: Path) -> Path:
     from pp_runtime.jobs.finetune import run
 
-    assert one_thread(run, load_config("finetune", train_args(ckpt, data, out))) == 0
+    assert in_one_thread(run, load_config("finetune", train_args(ckpt, data, out))) == 0
     return out
 
 
@@ -213,7 +205,7 @@ def _infer(job: str, *overrides: str) -> list[dict]:
     from pp_runtime.jobs import infer as infer_job
 
     run = {"infer": infer_job.run, "batch_infer": batch_job.run}[job]
-    assert one_thread(run, load_config(job, ["device=cpu", "max_new_tokens=6", "progress=false", *overrides])) == 0
+    assert in_one_thread(run, load_config(job, ["device=cpu", "max_new_tokens=6", "progress=false", *overrides])) == 0
     out = next(o.split("=", 1)[1] for o in overrides if o.startswith("output="))
     return [json.loads(line) for line in Path(out).read_text().splitlines()]
 
@@ -293,7 +285,7 @@ def test_bad_adapter_is_one_clear_error(case, good_adapter, tiny_ckpt, tmp_path,
     where = tmp_path / "nothere" if make is None else make(good_adapter, tmp_path / case)
     monkeypatch.setattr(infer_job, "run_pipeline", lambda *a, **k: pytest.fail("generation started"))
     with pytest.raises((CheckpointError, ConfigError)) as err:
-        one_thread(infer_job.run, load_config("infer", [f"model.path={tiny_ckpt}", f"model.adapter={where}",
+        in_one_thread(infer_job.run, load_config("infer", [f"model.path={tiny_ckpt}", f"model.adapter={where}",
                                                        "prompt=the cat", "device=cpu"]))
     assert "\n" not in str(err.value) and re.search(message, str(err.value)), str(err.value)
 

@@ -13,7 +13,8 @@ import torch
 from pp_runtime.errors import CheckpointError
 from pp_runtime.jobs.config import load_config
 from pp_runtime.training import checkpoint as tc
-from test_lora_export import data_file, one_thread  # noqa: F401,F811 - data_file: the fixture
+from dist_utils import in_one_thread
+from test_lora_export import data_file  # noqa: F401,F811 - data_file: the fixture
 from test_train_checkpoint import _spawn, losses
 
 STEPS = 4
@@ -30,7 +31,7 @@ def uninterrupted(tiny_ckpt, data_file, tmp_path_factory) -> Path:  # noqa: F811
     from pp_runtime.jobs.finetune import run
 
     out = tmp_path_factory.mktemp("lora_whole")
-    assert one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, out, "export=null"))) == 0
+    assert in_one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, out, "export=null"))) == 0
     return out
 
 
@@ -65,7 +66,7 @@ def test_adapter_checkpoint_resumes_under_another_split(interrupted, uninterrupt
 
     step2 = interrupted / "checkpoints" / "step_00000002"
     assert len(tc.read_manifest(step2)["stages"]) == 2
-    assert one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, tmp_path, f"resume={step2}",
+    assert in_one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, tmp_path, f"resume={step2}",
                                                          "export=null"))) == 0
     got, ref = losses(tmp_path), losses(uninterrupted)
     assert sorted(got) == [3, 4]
@@ -86,7 +87,7 @@ def test_a_changed_lora_setting_is_another_run(change, shown, uninterrupted, tin
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
     with pytest.raises(CheckpointError, match="holds another run") as err:
-        one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, tmp_path, change, "train.steps=6")))
+        in_one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, tmp_path, change, "train.steps=6")))
     assert shown in str(err.value)
 
 
@@ -117,7 +118,7 @@ def test_dropout_is_reproduced_by_activation_checkpointing():
         model(tokens, meta, logits="all").logsumexp(-1).sum().backward()
         return torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
 
-    with_ckpt, without = one_thread(grads, 0.5, True), one_thread(grads, 0.5, False)
+    with_ckpt, without = in_one_thread(grads, 0.5, True), in_one_thread(grads, 0.5, False)
     torch.testing.assert_close(with_ckpt, without, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(without, grads(0.0, False))
     torch.testing.assert_close(grads(0.5, False, train=False), grads(0.0, False, train=False), rtol=0, atol=0)
@@ -130,5 +131,5 @@ def test_resuming_adapters_of_another_rank_deliberately_is_a_clear_error(uninter
     step = uninterrupted / "checkpoints" / "step_00000004"
     with pytest.raises(CheckpointError, match=r"holds layers\.0\.attention\.wq\.lora_A\.weight of shape \[4, 64\] but "
                                               r"this run's is \[8, 64\]: resume it with its own train\.lora\.rank"):
-        one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, tmp_path, f"resume={step}",
+        in_one_thread(run, load_config("finetune", argv(tiny_ckpt, data_file, tmp_path, f"resume={step}",
                                                      "train.lora.rank=8", "train.steps=6")))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_train_checkpoint import data_file, one_thread, overrides  # noqa: F401
+from dist_utils import one_thread
+from test_train_checkpoint import data_file, overrides  # noqa: F401
 
 from pp_runtime.errors import ConfigError
 from pp_runtime.jobs.config import load_config

@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+from dist_utils import free_port, one_thread, rank_environment
 from pp_runtime.checkpoints.formats import full_spec, load_stage_module
 from pp_runtime.errors import CheckpointError
 from pp_runtime.jobs.config import load_config
@@ -25,23 +24,6 @@ from pp_runtime.model.transformer import StageModule
 from pp_runtime.training import checkpoint as tc
 
 STEPS = 6
-
-
-@contextmanager
-def one_thread():
-    """In-process runs: one intra-op thread (steadier on a shared machine), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +69,7 @@ def _kill_self() -> None:
 
 
 def _child(rank: int, world: int, port: int, argv: list[str], kill: tuple | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    rank_environment(rank, world, port)
     torch.set_num_threads(1)
     if kill is not None and kill[2] == rank:
         what, step, _ = kill

@@ -15,15 +15,14 @@ under activation checkpointing, plus a schedule that splits every B and W).
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dist_utils import free_port, rank_environment
 from pp_runtime.checkpoints.formats import full_spec
 from pp_runtime.checkpoints.model_source import ModelSource
 from pp_runtime.distributed.parallel import shutdown
@@ -45,12 +44,6 @@ MICRO = 4
 STEPS = 3
 CFG = TrainConfig(steps=10, batch_size=BATCH, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1,
                   grad_clip=0.5, betas=(0.9, 0.95), eps=1e-8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dataset(args: ModelArgs) -> PackedDataset:
@@ -145,8 +138,7 @@ def run_case(name: str, pp: int, dp: int, v: int, args: ModelArgs, ckpt: bool = 
 
 
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    rank_environment(rank, world, port)
     torch.set_num_threads(1)
     for case in cases:
         run_case(*case)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, _WORDS
+from conftest import REPO, write_text_docs
 from pp_runtime.jobs import infer as infer_job
 from ckpt_helpers import save_hf_checkpoint
 from pp_runtime.errors import CheckpointError, ConfigError, InputError, TrainingError
@@ -150,13 +150,7 @@ def test_non_finite_logprob_is_written_as_null():
 # ---------------------------------------------------------------------------------- fine-tuning
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
-    import random
-
-    rng = random.Random(3)
-    path = tmp_path_factory.mktemp("train_data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12)))}) + "\n"
-                            for _ in range(24)))
-    return path
+    return write_text_docs(tmp_path_factory.mktemp("train_data") / "train.jsonl", min_words=4)
 
 
 def finetune_args(data: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:

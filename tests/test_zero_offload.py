@@ -13,14 +13,14 @@ checkpoints hold full per-parameter tensors gathered on replica 0 of each stage)
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_train_checkpoint import STEPS, _spawn, data_file, losses, one_thread, overrides, uninterrupted  # noqa: F401
-from test_train_equivalence import CFG, DENSE, MOE, MICRO, Reference, dataset, free_port
+from dist_utils import free_port, one_thread, rank_environment
+from test_train_checkpoint import STEPS, _spawn, data_file, losses, overrides, uninterrupted  # noqa: F401
+from test_train_equivalence import CFG, DENSE, MOE, MICRO, Reference, dataset
 
 from pp_runtime.checkpoints.model_source import ModelSource
 from pp_runtime.distributed.parallel import shutdown
@@ -96,8 +96,7 @@ def cpu_adam_case(ctx, name: str, pp: int, args, zero: int) -> None:
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
     from pp_runtime.distributed.parallel import init_parallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    rank_environment(rank, world, port)
     torch.set_num_threads(1)
     for kind, name, pp, dp, args, *extra in cases:
         ctx = init_parallel(pp, dp, "cpu")

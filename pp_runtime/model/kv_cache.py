@@ -9,7 +9,7 @@ attention calls: `keys, values = view.update(k, v, to_rows)`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -38,11 +38,6 @@ class CacheAccess:
     write_src: torch.Tensor  # [N] flat token indices written
     write_slot: torch.Tensor  # [N]
     write_pos: torch.Tensor  # [N] ring index (`ring_index` of the token's position)
-
-    def to(self, device: torch.device) -> "CacheAccess":
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
-                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
-        return replace(self, **moved)
 
 
 class LayerCacheView:
