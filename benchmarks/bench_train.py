@@ -30,11 +30,15 @@ Each configuration runs `--warmup` untimed steps, then `--steps` timed steps, an
 (all tokens of a step over the wall time of the timed steps, slowest rank), MFU
 (`trainer.flops_per_token` x tokens/s / (GPUs x `--peak-flops`)), the peak of
 `torch.cuda.max_memory_allocated` on each GPU, the ratio to the best peer of the run, and for our
-runtime the time spent outside the schedule (gradient reduction, clipping, optimizer: the
-Trainer's phases) and the bubble measured from the executor's recorded action times: per rank,
-1 - (time inside its actions) / (time from the first action's start to the last action's end over
-all ranks), averaged over the timed steps, next to the bubble on paper (the simulator's, with
-B = 2F and W = B/2 when split). `idle_of_step` is the same busy time against the whole step.
+runtime and torch's the time spent outside the schedule (gradient reduction, clipping, optimizer)
+and the bubble measured from per-action times (our executor's records; CUDA events around torch's
+per-micro-batch forward and backward): per rank, 1 - (time inside its actions) / (time from the
+first action's start to the last action's end over all ranks), averaged over the timed steps, next
+to the bubble on paper (the simulator's, with B = 2F and W = B/2 when split). `idle_of_step` is the
+same busy time against the whole step. `action_ms` is the mean time of each kind of action per
+stage and rank, `idle_ms` each rank's idle time in the schedule's window split into fill (before
+its first action), between actions (waiting for a peer) and drain (after its last); with `--out`,
+`actions_CONFIG.json` holds every action's times ([rank][step] lists of (action, start, end)).
 
 Mixed precision: parameters, activations and gradients in bf16 on GPU (float32 on CPU). By default
 AdamW updates the bf16 parameters directly (states in bf16); `--master-weights` keeps float32
@@ -153,6 +157,35 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return a
 
 
+def action_stats(rows: list) -> dict:
+    """Where each rank's time goes, from the per-action (label, start, end) rows [rank][step][action]
+    of the timed steps: the mean time of each kind of action per stage ("F@0": ms), and each rank's
+    idle time in the schedule's window (first start to last end over all ranks) split into the fill
+    (before its first action), the gaps between its actions, and the drain (after its last one)."""
+    n_ranks, n_steps = len(rows), len(rows[0])
+    durations: list[dict[str, list[float]]] = [{} for _ in rows]
+    idle = [{"fill": 0.0, "between": 0.0, "drain": 0.0} for _ in rows]
+    window = 0.0
+    for k in range(n_steps):
+        w0 = min(s for r in rows for _, s, _ in r[k])
+        w1 = max(e for r in rows for _, _, e in r[k])
+        window += (w1 - w0) / n_steps
+        for rank, r in enumerate(rows):
+            acts = sorted(r[k], key=lambda x: x[1])
+            idle[rank]["fill"] += (acts[0][1] - w0) / n_steps
+            idle[rank]["drain"] += (w1 - acts[-1][2]) / n_steps
+            idle[rank]["between"] += sum(max(0.0, b[1] - a[2]) for a, b in zip(acts, acts[1:])) / n_steps
+            for label, s, e in acts:
+                key = f"{label[0]}@{label.split('@')[1]}"
+                durations[rank].setdefault(key, []).append(e - s)
+    return {"schedule_window_s": round(window, 4),
+            "action_ms": [{key: round(1e3 * sum(v) / len(v), 2) for key, v in sorted(d.items(), key=lambda kv: (
+                int(kv[0].split("@")[1]), "FBW".index(kv[0][0])))} for d in durations],
+            "action_ms_per_step": [{kind: round(1e3 * sum(sum(v) for key, v in d.items() if key[0] == kind) / n_steps, 1)
+                                    for kind in "FBW" if any(key[0] == kind for key in d)} for d in durations],
+            "idle_ms": [{key: round(1e3 * v, 1) for key, v in x.items()} for x in idle]}
+
+
 class Bench:
     def __init__(self, a: argparse.Namespace, ctx: ParallelContext) -> None:
         self.a, self.ctx = a, ctx
@@ -185,7 +218,7 @@ class Bench:
         a = self.a
         return TrainConfig(steps=a.warmup + a.steps, batch_size=a.microbatches, lr=a.lr, min_lr=a.lr / 10,
                            warmup_steps=0, activation_checkpointing=a.activation_checkpointing,
-                           master_weights=a.master_weights, peak_flops=a.peak_flops, log_every=10**9)
+                           master_weights=a.master_weights)
 
     def _maybe_inject(self, name: str, build: bool) -> None:
         if self.fail_at and self.fail_at[0] == name and self.fail_at[1] == self.ctx.rank and self.fail_at[2] == build:
@@ -344,6 +377,12 @@ class Bench:
         out = {"bubble_measured": [round(b, 4) for b in bubble], "idle_of_step": [round(x, 4) for x in idle],
                "busy_s": [round(sum(r[k][2] for k in range(n_steps)) / n_steps, 4) for r in everyone],
                "outside_schedule_s": round(outside, 4), "phases_s": {k: round(v, 5) for k, v in timings[-1][2].items()}}
+        all_rows = gather(ctx, [[(str(act), s, e) for act, s, e in t] for t, _, _ in timings])  # [rank][step][action]
+        out.update(action_stats(all_rows))
+        if self.a.out and ctx.rank == 0:
+            path = Path(self.a.out) / f"actions_{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(all_rows))
         if self.a.out:
             rows = gather(ctx, [(str(act), s, e) for act, s, e in self._last_timings])
             if ctx.rank == 0:

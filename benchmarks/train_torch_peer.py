@@ -11,15 +11,17 @@ Trainer's own (global-norm clipping across stages, fused AdamW, the same master-
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from train_common import accepts, build_stage
+from train_common import accepts, build_stage, sync
 from pp_runtime.model.attention_meta import build_training_meta
 from pp_runtime.model.transformer import StageModule
+from pp_runtime.training.schedules import BACKWARD, FORWARD, Action
 from pp_runtime.training.trainer import Trainer, lr_at, token_loss
 
 
@@ -93,14 +95,19 @@ def build_torch(bench, config, state: dict) -> None:
     targets = batch.targets.reshape(-1).to(ctx.device)
     first, last = any(s.has_embedding for s in specs), any(s.has_head for s in specs)
     state.update(trainer=trainer, stages=pstages, sched=sched)
+    recorder = ActionRecorder(pstages, sched, cuda=ctx.device.type == "cuda")
 
     def step(i: int) -> tuple[float, Any]:
+        sync(ctx)
+        t0 = time.perf_counter()
+        recorder.start()
         for _, p in trainer.named_params:
             p.grad = None
         losses: list = []
         args = (tokens,) if first else ()
         target_kw = {"target": targets, "losses": losses} if last else {}
         sched.step(*args, **target_kw, **step_kw)
+        recorder.mark_schedule_end()
         # From here on, exactly the Trainer's step after its executor ran.
         trainer._reduce_gradients()
         trainer._clip()
@@ -115,9 +122,71 @@ def build_torch(bench, config, state: dict) -> None:
             loss_sum += x.detach().to(torch.float64)
         if ctx.distributed:
             dist.all_reduce(loss_sum)
-        return float(loss_sum), None
+        loss = float(loss_sum)
+        sync(ctx)
+        dt = time.perf_counter() - t0
+        timings, schedule_s = recorder.read(t0)
+        bench._last_timings = timings
+        # a schedule that runs its chunks some other way (no per-chunk calls seen) reports no timings
+        return loss, ((timings, dt, {"schedule": schedule_s}) if timings else None)
 
     state["step"] = step
+
+
+class ActionRecorder:
+    """CUDA events around torch's per-micro-batch forward (with the loss on the last stage) and
+    backward of each stage, read once per step: the same (Action, start, end) rows as our executor
+    records, so the bench reports torch's bubble and action times the same way. Each start event
+    is recorded after the schedule has made the stream wait for the action's input. On CPU, host
+    clocks (the work is synchronous there)."""
+
+    def __init__(self, pstages: list, sched, cuda: bool) -> None:
+        self.cuda = cuda
+        self.rows: list[list] = []
+        for stage in pstages:
+            stage.forward_one_chunk = self._wrap(stage.forward_one_chunk, FORWARD, stage.stage_index)
+            stage.backward_one_chunk = self._wrap(stage.backward_one_chunk, BACKWARD, stage.stage_index)
+        if hasattr(sched, "_maybe_compute_loss"):
+            inner = sched._maybe_compute_loss
+
+            def with_loss(stage, *args, **kwargs):
+                out = inner(stage, *args, **kwargs)
+                if stage.is_last and self.rows and self.rows[-1][0].kind == FORWARD:
+                    self.rows[-1][2] = self._event()  # the loss belongs to the forward, as in ours
+                return out
+
+            sched._maybe_compute_loss = with_loss
+
+    def _event(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _wrap(self, fn, kind: str, stage_index: int):
+        def wrapped(chunk_id, *args, **kwargs):
+            start = self._event()
+            out = fn(chunk_id, *args, **kwargs)
+            self.rows.append([Action(kind, int(chunk_id), stage_index), start, self._event()])
+            return out
+
+        return wrapped
+
+    def start(self) -> None:
+        self.rows = []
+        self.base = self._event()
+
+    def mark_schedule_end(self) -> None:
+        self.end = self._event()
+
+    def read(self, t0: float) -> tuple[list, float]:
+        """(Action, start, end) in host seconds from t0 (the device synchronized), and the schedule's time."""
+        if not self.cuda:
+            return [(a, s, e) for a, s, e in self.rows], self.end - self.base
+        base = self.base
+        rows = [(a, t0 + base.elapsed_time(s) / 1e3, t0 + base.elapsed_time(e) / 1e3) for a, s, e in self.rows]
+        return rows, base.elapsed_time(self.end) / 1e3
 
 
 def _example_shapes(bench, spec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Resumable batch inference over a JSONL file:
 `torchrun --nproc_per_node=N launch/batch_infer.py input=prompts.jsonl output=results.jsonl [key=value ...]`;
-`--help` lists the settings (conf/batch_infer.yaml, docs/slurm.md)."""
+`--help` lists the settings (pp_runtime/jobs/settings.py, docs/slurm.md)."""
 
 import sys
 from pathlib import Path

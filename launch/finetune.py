@@ -1,6 +1,6 @@
 """Pipelined training: `torchrun --nproc_per_node=N launch/finetune.py [key=value ...]` (no arguments:
 a short fine-tune of the embedded demo model); `--help` lists the settings, `--multirun` sweeps
-(conf/finetune.yaml)."""
+(pp_runtime/jobs/settings.py)."""
 
 import sys
 from pathlib import Path

@@ -1,5 +1,5 @@
 """Pipelined generation: `torchrun --nproc_per_node=N launch/infer.py [key=value ...]`; `--help` lists the
-settings (conf/infer.yaml)."""
+settings (pp_runtime/jobs/settings.py)."""
 
 import sys
 from pathlib import Path

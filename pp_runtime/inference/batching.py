@@ -61,7 +61,10 @@ class ChunkPlan:
 
 
 @dataclass(frozen=True)
-class MicroBatch:
+class StepPlan:
+    """What one pipeline step of a micro-batch runs: its sequences' chunks (prefill pieces and decode
+    tokens). Not training's `MicroBatch`, which holds a slice of a batch's tensors."""
+
     chunks: tuple[ChunkPlan, ...]
 
     @property
@@ -101,7 +104,7 @@ class StepScheduler:
                 raise InputError(f"request {req.id!r}: the prompt tokenises to nothing; give a non-empty prompt")
             self._active[req.uid] = _Seq(req, self._free_slots.popleft())
 
-    def next_microbatch(self) -> Optional[MicroBatch]:
+    def next_microbatch(self) -> Optional[StepPlan]:
         """Decode steps first (they are cheap and keep latency low), then prefill chunks."""
         self._admit()
         # Once the input runs dry, an even share per micro-batch keeps every pipeline stage busy
@@ -122,7 +125,7 @@ class StepScheduler:
             n = min(self.cfg.chunk_size, budget, s.prompt_len - s.fed)
             chunks.append(self._take(s, tuple(s.request.prompt_tokens[s.fed : s.fed + n])))
             budget -= n
-        return MicroBatch(tuple(chunks)) if chunks else None
+        return StepPlan(tuple(chunks)) if chunks else None
 
     def _take(self, s: _Seq, tokens: tuple[int, ...]) -> ChunkPlan:
         start = s.fed
@@ -131,7 +134,7 @@ class StepScheduler:
         return ChunkPlan(s.request.uid, s.slot, start, tokens, s.fed >= s.prompt_len, s.request.sampling,
                          prefill=start < s.prompt_len)
 
-    def complete(self, mb: MicroBatch, tokens: list[int], logprobs: list[float],
+    def complete(self, mb: StepPlan, tokens: list[int], logprobs: list[float],
                  finite: Optional[list[bool]] = None) -> list[Completion]:
         """Record the sampled tokens of a micro-batch that came back; return finished sequences.
 

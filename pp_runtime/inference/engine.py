@@ -21,7 +21,7 @@ import torch.distributed as dist
 from pp_runtime.distributed.comm import KIND_ABORT, KIND_DATA, KIND_STOP, StageChannels, decode_text, encode_text
 from pp_runtime.distributed.parallel import ParallelContext, pipe_groups
 from pp_runtime.errors import ConfigError, PPRuntimeError
-from pp_runtime.inference.batching import Completion, MicroBatch, Request, SchedulerConfig, StepScheduler
+from pp_runtime.inference.batching import Completion, StepPlan, Request, SchedulerConfig, StepScheduler
 from pp_runtime.inference.requests import TokenLimit, check_request
 from pp_runtime.inference.stage_runner import StageRunner
 from pp_runtime.inference.step_table import Step, StepChunk
@@ -166,7 +166,7 @@ def run_pipeline(
 
 @dataclass
 class _InFlight:
-    mb: MicroBatch
+    mb: StepPlan
     results: torch.Tensor  # [rows, 3] float64: token id, logprob, finite (host memory once `ready`)
     ready: object  # a CUDA event, or on CPU the receive's Work (None with one stage)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Optional, Sequence
 
 import torch
@@ -28,50 +28,49 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.temperature, self.top_p, self.top_k, self.seed, "sampling")
+        """Also the `sampling` group's check (its schema is this class): a bad value names `sampling.field`."""
+        for name, value in zip(("temperature", "top_p", "top_k", "seed"), _coerced(*self.values(), "sampling")):
+            object.__setattr__(self, name, value)
+
+    def values(self) -> tuple[Any, Any, Any, Any]:
+        return self.temperature, self.top_p, self.top_k, self.seed
 
     @classmethod
     def parse(cls, temperature: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0, seed: Any = 0,
               where: str = "sampling") -> "SamplingParams":
         """Build from loosely typed values (config strings, JSON numbers); a bad value is a
         ConfigError naming `where.field`, never a raw TypeError/ValueError."""
-        t = _as_number(temperature, f"{where}.temperature")
-        p = _as_number(top_p, f"{where}.top_p")
-        k = _as_integer(top_k, f"{where}.top_k")
-        s = _as_integer(seed, f"{where}.seed")
-        _check(t, p, k, s, where)
-        return cls(t, p, k, s)
+        return cls(*_coerced(temperature, top_p, top_k, seed, where))
 
 
-def _check(temperature: Any, top_p: Any, top_k: Any, seed: Any, where: str) -> None:
-    for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if not isinstance(value, Real) or isinstance(value, bool):
-            raise ConfigError(f"{where}.{name}={value!r} must be a number")
-    for name, value in (("top_k", top_k), ("seed", seed)):
-        if not isinstance(value, Integral) or isinstance(value, bool):
-            raise ConfigError(f"{where}.{name}={value!r} must be an integer")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ConfigError(f"{where}.temperature={temperature} must be a finite number >= 0 (0 is greedy)")
-    if not 0 < top_p <= 1:  # also false for nan
-        raise ConfigError(f"{where}.top_p={top_p} must be in (0, 1]")
-    if top_k < 0:
-        raise ConfigError(f"{where}.top_k={top_k} must be >= 0 (0 disables it)")
-    if not _INT64_MIN <= seed < _INT64_END:
-        raise ConfigError(f"{where}.seed={seed} must fit in a signed 64-bit integer")
+def _coerced(temperature: Any, top_p: Any, top_k: Any, seed: Any, where: str) -> tuple[float, float, int, int]:
+    t, p = _as_number(temperature, f"{where}.temperature"), _as_number(top_p, f"{where}.top_p")
+    k, s = _as_integer(top_k, f"{where}.top_k"), _as_integer(seed, f"{where}.seed")
+    if t < 0:
+        raise ConfigError(f"{where}.temperature={t} must be a finite number >= 0 (0 is greedy)")
+    if not 0 < p <= 1:
+        raise ConfigError(f"{where}.top_p={p} must be in (0, 1]")
+    if k < 0:
+        raise ConfigError(f"{where}.top_k={k} must be >= 0 (0 disables it)")
+    if not _INT64_MIN <= s < _INT64_END:
+        raise ConfigError(f"{where}.seed={s} must fit in a signed 64-bit integer")
+    return t, p, k, s
 
 
 def _as_number(value: Any, name: str) -> float:
     if not isinstance(value, bool):
         try:
-            return float(value)
+            x = float(value)
+            if math.isfinite(x):
+                return x
         except (TypeError, ValueError, OverflowError):
             pass
-    raise ConfigError(f"{name}={value!r} must be a number")
+    raise ConfigError(f"{name}={value!r} is not a finite number")
 
 
 def _as_integer(value: Any, name: str) -> int:
     """Integers and integral numbers or strings ("3", "3.0"); never a silent truncation of 2.5."""
-    error = ConfigError(f"{name}={value!r} must be an integer")
+    error = ConfigError(f"{name}={value!r} is not an integer")
     if isinstance(value, bool):
         raise error
     if isinstance(value, (Integral, str)):

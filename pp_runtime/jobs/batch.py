@@ -40,9 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Iterator
 
 from pp_runtime.distributed.liveness import scoped_store
 from pp_runtime.distributed.parallel import agree, init_parallel
@@ -50,16 +48,21 @@ from pp_runtime.errors import ConfigError, InputError, PPRuntimeError
 from pp_runtime.inference.requests import TokenLimit, check_request, make_request, parse_prompt_line
 from pp_runtime.io.jsonl import check_input_file
 from pp_runtime.io.output_files import OutputLock
+from pp_runtime.jobs.settings import BatchSettings, to_settings
 from pp_runtime.jobs.batch_identity import bind_identity, check_identity, job_identity
 from pp_runtime.jobs.batch_files import (BatchPaths, JsonlAppender, LineSet, ResumeState, error_record, iter_records,
                                          iter_share, merge_results, prepare_resume)
 from pp_runtime.inference.batching import Completion, Request
 
 
-def build_request(uid: int, line_no: int, line: str, tokenizer, cfg: DictConfig, sampling, limit: TokenLimit,
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+def build_request(uid: int, line_no: int, line: str, tokenizer, cfg: BatchSettings, limit: TokenLimit,
                   source: str) -> Request:
     rec = parse_prompt_line(line, line_no, source=source)
-    req = make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
+    req = make_request(uid, rec, tokenizer, cfg.max_new_tokens, cfg.sampling)
     check_request(req, limit, rec.where)
     return req
 
@@ -179,22 +182,20 @@ def _broadcast(ctx, obj):
     return box[0]
 
 
-def _validate_share(cfg, ctx, paths: BatchPaths, done: LineSet, tokenizer, sampling, limit) -> None:
+def _validate_share(cfg: BatchSettings, ctx, paths: BatchPaths, done: LineSet, tokenizer, limit) -> None:
     """strict=true: check this replica's share before any generation, so a bad line stops every rank
     at once with the same message instead of killing one pipeline mid-run."""
     for uid, line_no, line in iter_share(paths.input, ctx.dp_rank, ctx.dp_size, done):
         try:
-            build_request(uid, line_no, line, tokenizer, cfg, sampling, limit, str(cfg.input))
+            build_request(uid, line_no, line, tokenizer, cfg, limit, cfg.input)
         except PPRuntimeError as e:
             raise InputError(f"{e} (strict=true; without it bad lines go to {paths.errors})") from None
 
 
-def run(cfg: DictConfig) -> int:
-    from pp_runtime.jobs.infer import default_sampling
-
+def run(cfg: "BatchSettings | DictConfig") -> int:
+    cfg = to_settings(cfg, "batch_infer")
     t_start = time.perf_counter()
     paths = BatchPaths.from_config(cfg)
-    default_sampling(cfg)  # a bad setting fails here, before any file is touched
     ctx = init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
     # rank 0 claims the output (lock, same input and settings) before any rank loads the model
     lock = agree(ctx, lambda: _claim_output(cfg, paths) if ctx.rank == 0 else None)
@@ -205,11 +206,11 @@ def run(cfg: DictConfig) -> int:
             lock.release()
 
 
-def _claim_output(cfg: DictConfig, paths: BatchPaths) -> OutputLock:
+def _claim_output(cfg: BatchSettings, paths: BatchPaths) -> OutputLock:
     check_input_file(paths.input)
     lock = OutputLock.acquire(paths.lock, f"output {paths.output}")
     try:
-        if not cfg.get("overwrite", False):
+        if not cfg.overwrite:
             check_identity(paths.sidecar, job_identity(paths.input, cfg), paths.has_results(), paths.output)
     except BaseException:
         lock.release()
@@ -217,10 +218,10 @@ def _claim_output(cfg: DictConfig, paths: BatchPaths) -> OutputLock:
     return lock
 
 
-def _prepare_output(cfg: DictConfig, paths: BatchPaths) -> tuple[ResumeState, Path]:
+def _prepare_output(cfg: BatchSettings, paths: BatchPaths) -> tuple[ResumeState, Path]:
     """Rank 0, once the model loaded: start over (overwrite=true) or resume, record what the results
     are computed from, and leave a probe file the other first stages must see."""
-    if cfg.get("overwrite", False):
+    if cfg.overwrite:
         paths.discard_results()
     bind_identity(paths.sidecar, job_identity(paths.input, cfg))
     state = prepare_resume(paths)
@@ -229,10 +230,10 @@ def _prepare_output(cfg: DictConfig, paths: BatchPaths) -> tuple[ResumeState, Pa
     return state, probe
 
 
-def _run(cfg: DictConfig, ctx, paths: BatchPaths, t_start: float) -> int:
-    from pp_runtime.jobs.infer import completion_record, default_sampling, setup_inference
+def _run(cfg: BatchSettings, ctx, paths: BatchPaths, t_start: float) -> int:
+    from pp_runtime.jobs.infer import completion_record, setup_inference
 
-    strict = bool(cfg.get("strict", False))
+    strict = cfg.strict
     setup = setup_inference(cfg, ctx)
     source, runner, tokenizer = setup.source, setup.runner, setup.tokenizer
     prepared = agree(ctx, lambda: _prepare_output(cfg, paths) if ctx.rank == 0 else None)
@@ -246,7 +247,6 @@ def _run(cfg: DictConfig, ctx, paths: BatchPaths, t_start: float) -> int:
             msg += f" (repaired {state.repaired_bytes} bytes of a cut-off write)"
         print(msg + f", {n_input - n_done} to run on {ctx.dp_size} replica(s) x {ctx.pp_size} stage(s)", flush=True)
 
-    sampling = default_sampling(cfg)
     limit = TokenLimit.of(source.args, runner.capacity)
 
     def first_stage_checks() -> None:
@@ -258,7 +258,7 @@ def _run(cfg: DictConfig, ctx, paths: BatchPaths, t_start: float) -> int:
                 "results beside output=, so on several nodes it must be on a shared filesystem"
             )
         if strict:
-            _validate_share(cfg, ctx, paths, done, tokenizer, sampling, limit)
+            _validate_share(cfg, ctx, paths, done, tokenizer, limit)
 
     try:
         agree(ctx, first_stage_checks)  # can fail on some ranks only: raised on every rank
@@ -268,8 +268,7 @@ def _run(cfg: DictConfig, ctx, paths: BatchPaths, t_start: float) -> int:
 
     progress = None
     if ctx.rank == 0:
-        progress = Progress(paths, ctx.dp_size, n_input - n_done, state.offsets, bool(cfg.progress),
-                            float(cfg.get("progress_interval", 30)))
+        progress = Progress(paths, ctx.dp_size, n_input - n_done, state.offsets, cfg.progress, cfg.progress_interval)
 
     stats = ReplicaStats(ctx.dp_rank)
     results = errors = None
@@ -278,7 +277,7 @@ def _run(cfg: DictConfig, ctx, paths: BatchPaths, t_start: float) -> int:
     def requests() -> Iterator[Request]:
         for uid, line_no, line in iter_share(paths.input, ctx.dp_rank, ctx.dp_size, done):
             try:
-                req = build_request(uid, line_no, line, tokenizer, cfg, sampling, limit, str(cfg.input))
+                req = build_request(uid, line_no, line, tokenizer, cfg, limit, cfg.input)
             except PPRuntimeError as e:
                 if strict:
                     raise

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from omegaconf import DictConfig
-
 from pp_runtime.errors import ConfigError
 from pp_runtime.io.jsonl import iter_lines
 from pp_runtime.jobs.config import resolve_path
+from pp_runtime.jobs.settings import BatchSettings
 
 FSYNC_EVERY_S = 10.0
 
@@ -30,13 +29,13 @@ class BatchPaths:
     errors: Path
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "BatchPaths":
-        if not cfg.get("input"):
+    def from_config(cls, cfg: BatchSettings) -> "BatchPaths":
+        if not cfg.input:
             raise ConfigError("batch inference needs input=FILE.jsonl (one {\"id\", \"prompt\"} object per line)")
-        if not cfg.get("output"):
+        if not cfg.output:
             raise ConfigError("batch inference needs output=FILE.jsonl (results are appended there)")
         inp, out = resolve_path(cfg.input), resolve_path(cfg.output)
-        err = resolve_path(cfg.errors) if cfg.get("errors") else out.with_name(out.name + ".errors.jsonl")
+        err = resolve_path(cfg.errors) if cfg.errors else out.with_name(out.name + ".errors.jsonl")
         if inp == out or inp == err:
             raise ConfigError(f"output/errors would overwrite the input {str(inp)!r}; choose another output=")
         return cls(inp, out, err)

@@ -8,16 +8,16 @@ does not match is refused before anything is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from pp_runtime.errors import ConfigError
 from pp_runtime.jobs.config import resolve_path
+from pp_runtime.jobs.settings import GenerationSettings
 
 FORMAT = "pp_runtime-batch-job-v1"
 
@@ -32,27 +32,27 @@ def input_identity(path: Path) -> dict[str, Any]:
     return {"size": size, "sha256": h.hexdigest()}
 
 
-def result_settings(cfg: DictConfig) -> dict[str, Any]:
+def result_settings(cfg: GenerationSettings) -> dict[str, Any]:
     """The settings that change a line's result; not the topology or the engine's batching."""
     from pp_runtime.checkpoints.model_source import DEMO_DIR
 
-    path = resolve_path(cfg.model.get("path"))
-    if path is None and not cfg.model.get("preset"):
+    path = resolve_path(cfg.model.path)
+    if path is None and not cfg.model.preset:
         path = DEMO_DIR
-    model = {"path": str(path) if path is not None else None, "dtype": str(cfg.model.dtype)}
+    model = {"path": str(path) if path is not None else None, "dtype": cfg.model.dtype}
     if path is None:
-        model.update(preset=cfg.model.get("preset"), seed=cfg.model.get("seed"))
-    adapter = resolve_path(cfg.model.get("adapter"))
+        model.update(preset=cfg.model.preset, seed=cfg.model.seed)
+    adapter = resolve_path(cfg.model.adapter)
     if adapter is not None:  # a LoRA adapter changes every result (absent: the same identity as before adapters)
         model["adapter"] = str(adapter)
     return {
         "model": model,
-        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
-        "max_new_tokens": int(cfg.max_new_tokens),
+        "sampling": dataclasses.asdict(cfg.sampling),
+        "max_new_tokens": cfg.max_new_tokens,
     }
 
 
-def job_identity(input_path: Path, cfg: DictConfig) -> dict[str, Any]:
+def job_identity(input_path: Path, cfg: GenerationSettings) -> dict[str, Any]:
     return {"format": FORMAT, "input": {"path": str(input_path), **input_identity(input_path)},
             "settings": result_settings(cfg)}
 

@@ -4,11 +4,11 @@ config's model and pipeline groups into the library's own objects (nothing below
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from pp_runtime.errors import ConfigError
+from pp_runtime.jobs.settings import explain_bad_value, register_schemas, top_level_keys
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -19,35 +19,9 @@ if TYPE_CHECKING:
     from pp_runtime.distributed.parallel import ParallelContext
     from pp_runtime.model.args import ModelArgs
     from pp_runtime.model.partition import StagePlan
+    from pp_runtime.jobs.settings import ModelSettings, PipelineSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-@dataclass
-class PipelineConfig:
-    """The `pipeline` group: world = stages x data_parallel processes (torchrun --nnodes x --nproc_per_node)."""
-
-    stages: Optional[int] = None  # default: world size / data_parallel
-    data_parallel: int = 1  # replicas of the whole pipeline (fine-tuning: gradients summed across them)
-    split: Any = None  # explicit layers per (virtual) stage, e.g. [9,8,8,7]; default: the cost-balanced
-    #                    partition (any value type here: split_from_config says what is wrong with it)
-
-
-def register_schemas() -> None:
-    """The config groups whose single source of defaults is a dataclass: `inference` (the engine's
-    InferenceConfig) and `pipeline`. conf/ holds no YAML for them; `inference=default` and
-    `pipeline=default` in the jobs' defaults lists find these, and Hydra checks overrides' types."""
-    from hydra.core.config_store import ConfigStore
-
-    from pp_runtime.inference.engine import InferenceConfig
-
-    from omegaconf import OmegaConf
-
-    cs = ConfigStore.instance()
-    inference = OmegaConf.structured(InferenceConfig)
-    OmegaConf.set_readonly(inference, False)  # the dataclass is frozen; overrides must still apply
-    cs.store(group="inference", name="default", node=inference)
-    cs.store(group="pipeline", name="default", node=PipelineConfig)
 
 
 def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR, config_name: Optional[str] = None,
@@ -67,11 +41,7 @@ def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR, c
 def _check_top_level_keys(cfg: "DictConfig", job: str, conf_dir: Path) -> None:
     """Hydra merges whatever an added config sets: an experiment written for another job (or a
     `+key=...` typo) would otherwise ride along unused."""
-    from omegaconf import OmegaConf
-
-    base = OmegaConf.load(conf_dir / f"{job}.yaml")
-    known = {k for k in base.keys() if k not in ("defaults", "hydra")} | {next(iter(d)) for d in base.get("defaults", [])
-                                                                          if not isinstance(d, str)}
+    known = set(top_level_keys(job))
     unknown = [k for k in cfg.keys() if k not in known]
     if unknown:
         raise ConfigError(f"the config sets {', '.join(map(str, unknown))}, which {job} does not have (an experiment "
@@ -109,10 +79,18 @@ def _compose(job: str, overrides: list[str], conf_dir: Path, config_name: str, c
 
 def _config_error(e: Exception, job: str, conf_dir: Path) -> ConfigError:
     text = str(e).strip()
-    if text.startswith("Error merging override") and e.__cause__ is not None:  # say why (a wrong type, ...)
-        text = f"{text}: {str(e.__cause__).strip().splitlines()[0]}"
+    cause = e.__cause__
+    if text.startswith("Error merging override") and cause is not None:  # say why (a wrong type, ...)
+        text = f"{text}: {str(cause).strip().splitlines()[0]}"
+        own = explain_bad_value(job, str(getattr(cause, "full_key", "") or ""), getattr(cause, "value", None))
+        if own is not None:  # the field's own check says it best; Hydra's words follow
+            return ConfigError(f"bad override: {own} ({text.splitlines()[0]})")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else type(e).__name__
+    if "ConfigKeyError raised while composing" in text:  # an added config sets a key this job lacks
+        key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "?")
+        return ConfigError(f"{first.split(':')[0]}: the config sets {key}, which {job} does not have (an experiment "
+                           f"for another job, or a typo?); known keys: {_known_keys(job, conf_dir)}")
     hint = ""
     if "Could not override" in text or "not in struct" in text:
         hint = f"; known keys: {_known_keys(job, conf_dir)}"
@@ -132,13 +110,11 @@ def _config_error(e: Exception, job: str, conf_dir: Path) -> ConfigError:
 
 
 def _known_keys(job: str, conf_dir: Path) -> str:
-    """Top-level keys of the job plus its config groups (model.*, inference.*, ...)."""
-    from omegaconf import OmegaConf
+    """Top-level keys of the job, groups as `model.*`, `inference.*`, ..."""
+    return ", ".join(k + (".*" if k in _GROUPS else "") for k in top_level_keys(job))
 
-    cfg = OmegaConf.load(conf_dir / f"{job}.yaml")
-    groups = [next(iter(d)) + ".*" for d in cfg.get("defaults", [])
-              if not isinstance(d, str) and not next(iter(d)).startswith("override ")]  # "_self_" is a str
-    return ", ".join([k for k in cfg.keys() if k not in ("defaults", "hydra")] + groups)
+
+_GROUPS = ("model", "sampling", "pipeline", "inference", "schedule", "data", "train", "metrics", "checkpoint", "eval")
 
 
 def check_command_line(job: str, argv: Sequence[str], sweeps: bool) -> "Namespace":
@@ -183,38 +159,32 @@ def resolve_path(p: str | None) -> Path | None:
     return None if p in (None, "") else Path(p).expanduser().resolve()
 
 
-def model_source(model_cfg: "DictConfig") -> "ModelSource":
+def model_source(model: "ModelSettings") -> "ModelSource":
     """`model.path`, else `model.preset` (seeded random weights), else the embedded demo."""
-    from omegaconf import OmegaConf
-
     from pp_runtime.checkpoints.model_source import ModelSource
     from pp_runtime.model.args import preset
 
-    if OmegaConf.is_config(model_cfg) and OmegaConf.is_missing(model_cfg, "path"):  # `path: ???` (model=mistral-7b, ...): no silent demo fallback
-        raise ConfigError("this model config needs its checkpoint folder: set model.path=DIR")
-    path = resolve_path(model_cfg.get("path"))
+    path = resolve_path(model.path)
     if path is not None:
         return ModelSource.from_path(path)
-    if model_cfg.get("preset"):
-        return ModelSource(preset(model_cfg.preset), None, int(model_cfg.get("seed", 0)))
+    if model.preset:
+        return ModelSource(preset(model.preset), None, model.seed)
     return ModelSource.demo()
 
 
-def make_plan(args: "ModelArgs", ctx: "ParallelContext", pipeline_cfg: "DictConfig", training: bool = False,
+def make_plan(args: "ModelArgs", ctx: "ParallelContext", pipeline: "PipelineSettings", training: bool = False,
               virtual_stages: int = 1) -> "StagePlan":
     from pp_runtime.model.partition import plan_for
 
-    return plan_for(args, ctx.pp_size, virtual_stages=virtual_stages, split=split_from_config(pipeline_cfg.get("split")),
+    return plan_for(args, ctx.pp_size, virtual_stages=virtual_stages, split=split_from_config(pipeline.split),
                     training=training)
 
 
-def split_from_config(split) -> Optional[list[int]]:
+def split_from_config(split: Any) -> Optional[list[int]]:
     """`pipeline.split` as a list of layer counts, or a one-line ConfigError (a string is not a list)."""
     if split is None:
         return None
-    from omegaconf import ListConfig
-
-    items = list(split) if isinstance(split, (list, tuple, ListConfig)) else None
+    items = list(split) if isinstance(split, (list, tuple)) else None
     if items is None or not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
         raise ConfigError(f"pipeline.split={split!r} must be a list of layers per stage, e.g. pipeline.split=[3,3,2]")
     return items

@@ -1,4 +1,4 @@
-"""The `launch/finetune.py` job: pipelined training from a Hydra config (see conf/finetune.yaml).
+"""The `launch/finetune.py` job: pipelined training from a Hydra config (settings: pp_runtime/jobs/settings.py).
 
 Everything that can fail on user input (model config, schedule, batch shape, tokenizer, data
 file, resume checkpoint) is checked on every rank before training starts; the ranks then compare
@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
 from pp_runtime.checkpoints.model_source import DEMO_DIR, ModelSource, resolve_dtype
 from pp_runtime.distributed.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.distributed.threads import startup_line
 from pp_runtime.errors import CheckpointError, ConfigError
 from pp_runtime.io.output_files import check_output_dir
-from pp_runtime.jobs.config import resolve_path
-from pp_runtime.jobs.config import model_source, split_from_config
+from pp_runtime.jobs.config import model_source, resolve_path, split_from_config
+from pp_runtime.jobs.settings import FinetuneSettings, TrainingModelSettings, to_settings
 from pp_runtime.jobs.evaluate import Question, demo_questions, evaluate, read_questions
 from pp_runtime.jobs.run_definition import differences, run_definition
 from pp_runtime.jobs.run_folder import choose_out_dir, export_dir
@@ -43,21 +41,22 @@ from pp_runtime.training.schedules import Schedule, build_schedule, check_microb
 from pp_runtime.training.simulator import simulate
 from pp_runtime.training.trainer import StepStats, TrainConfig, Trainer, truncate_metrics
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 
 # ---------------------------------------------------------------------------------- pieces
-def training_source(model_cfg: DictConfig) -> ModelSource:
+def training_source(model: TrainingModelSettings) -> ModelSource:
     """Pretrained checkpoint (`model.path`), or a from-scratch architecture (`model.params` /
     `model.preset`, with `model.args` overriding single fields)."""
-    overrides = model_cfg.get("args")
-    overrides = OmegaConf.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else overrides
+    overrides = model.args
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError(f"model.args must be a mapping of params.json fields, e.g. model.args='{{dim: 64}}', got {overrides!r}")
-    if model_cfg.get("path"):
+    if model.path:
         if overrides:
             raise ConfigError("model.args only applies to training from scratch; a checkpoint (model.path) fixes the architecture")
-        return model_source(model_cfg)
-    seed = int(model_cfg.get("seed", 0) or 0)
-    params = resolve_path(model_cfg.get("params"))
+        return model_source(model)
+    params = resolve_path(model.params)
     if params is not None:
         if not params.is_file():
             raise ConfigError(f"model.params={str(params)!r} does not exist; give a params.json file")
@@ -67,12 +66,12 @@ def training_source(model_cfg: DictConfig) -> ModelSource:
             raise ConfigError(f"model.params {params} is not valid JSON ({e})") from None
         if not isinstance(base, dict):
             raise ConfigError(f"model.params {params} must hold a JSON object of model fields")
-    elif model_cfg.get("preset"):
-        base = preset(model_cfg.preset).to_params_json()
+    elif model.preset:
+        base = preset(model.preset).to_params_json()
     elif overrides:
         raise ConfigError("model.args needs a model trained from scratch: model.params=FILE or model.preset=NAME")
     else:
-        return model_source(model_cfg)  # the embedded demo model
+        return model_source(model)  # the embedded demo model
     fields = {**base, **(overrides or {})}
     known = set(ModelArgs.__dataclass_fields__) | {"moe"}
     unknown = sorted(set(overrides or {}) - known)
@@ -82,80 +81,33 @@ def training_source(model_cfg: DictConfig) -> ModelSource:
         args = ModelArgs.from_params_json(fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad model fields {fields}: {e}") from None
-    return ModelSource(args, None, seed)
+    return ModelSource(args, None, model.seed)
 
 
-def make_schedule(cfg: DictConfig, pp_size: int) -> Schedule:
+def make_schedule(cfg: FinetuneSettings, pp_size: int) -> Schedule:
     sc = cfg.schedule
-    if sc.get("file"):
+    if sc.file:
         schedule = load_schedule(resolve_path(sc.file))
         if schedule.n_ranks != pp_size:
             raise ConfigError(f"schedule file {sc.file} is for {schedule.n_ranks} ranks but the pipeline has {pp_size} stages")
     else:
-        check_microbatches(sc.name, pp_size, int(sc.microbatches))
-        schedule = build_schedule(sc.name, pp_size, int(sc.microbatches), int(sc.virtual_stages))
+        check_microbatches(sc.name, pp_size, sc.microbatches)
+        schedule = build_schedule(sc.name, pp_size, sc.microbatches, sc.virtual_stages)
     simulate(schedule)  # rejects incomplete, mis-ordered or deadlocking schedules with the step it hangs at
     return schedule
 
 
-def train_config(cfg: DictConfig) -> TrainConfig:
-    t = cfg.train
-    mw = t.get("master_weights", "auto")
-    master = None if mw in (None, "auto") else bool(mw)
-    reals = {k: _finite(t, k) for k in ("lr", "min_lr", "weight_decay", "eps", "grad_clip")}
-    if not isinstance(t.betas, ListConfig) or len(t.betas) != 2:
-        raise ConfigError(f"train.betas={t.betas!r} must be a pair, e.g. train.betas=[0.9,0.95]")
-    zero = t.get("zero", 0)
-    if isinstance(zero, bool) or zero not in (0, 1):
-        raise ConfigError(f"train.zero={zero!r} must be 0 (off) or 1 (ZeRO-1: optimizer state sharded over the replicas)")
-    optimizer = t.get("optimizer", "adamw")
-    if optimizer not in ("adamw", "cpu_adam"):
-        raise ConfigError(f"train.optimizer={optimizer!r} must be adamw (on the device) or cpu_adam (DeepSpeed's CPU Adam, "
-                          "state in host memory)")
-    tcfg = TrainConfig(
-        zero=int(zero), optimizer=str(optimizer),
-        steps=_integer(t, "steps"), batch_size=_integer(t, "batch_size"), warmup_steps=_integer(t, "warmup_steps"),
-        betas=(_finite(t.betas, 0, "train.betas"), _finite(t.betas, 1, "train.betas")),
-        activation_checkpointing=bool(t.activation_checkpointing), skip_nonfinite=bool(t.get("skip_nonfinite", False)),
-        master_weights=master, peak_flops=float(cfg.metrics.peak_flops), log_every=int(cfg.metrics.log_every), **reals,
-    )
-    if tcfg.steps < 0:
-        raise ConfigError(f"train.steps={tcfg.steps} must be >= 0")
-    if tcfg.lr <= 0 or tcfg.min_lr < 0:
-        raise ConfigError(f"train.lr={tcfg.lr} must be > 0 and train.min_lr={tcfg.min_lr} >= 0")
-    return tcfg
-
-
-def _integer(group, key: str) -> int:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"train.{key}={value!r} must be an integer")
-    return value
-
-
-def _finite(group, key, name: Optional[str] = None) -> float:
-    """A finite number from the config, or a one-line ConfigError (`train.lr=nan` would train on NaN)."""
-    value = group[key]
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        x = math.nan
-    if not math.isfinite(x) or isinstance(value, bool):
-        raise ConfigError(f"{name or 'train.' + key}={value!r} must be a finite number")
-    return x
-
-
-def training_tokenizer(cfg: DictConfig, source: ModelSource):
+def training_tokenizer(cfg: FinetuneSettings, source: ModelSource):
     """The data's tokenizer. From scratch, the model's vocab_size becomes the tokenizer's (so the
     export is inference-ready) unless model.args sets vocab_size explicitly."""
     from pp_runtime.io.tokenizer import Tokenizer
 
-    where = resolve_path(cfg.data.get("tokenizer") or cfg.model.get("tokenizer")) or source.path
+    where = resolve_path(cfg.data.tokenizer or cfg.model.tokenizer) or source.path
     if where is None:
         raise ConfigError("a model trained from scratch needs a tokenizer: set data.tokenizer=PATH (tokenizer.model "
                           "or its folder; model.tokenizer= works too)")
     tok = Tokenizer.from_dir(where)
-    explicit = isinstance(cfg.model.get("args"), DictConfig) and cfg.model.args.get("vocab_size") is not None
+    explicit = isinstance(cfg.model.args, dict) and cfg.model.args.get("vocab_size") is not None
     if source.path is None and not explicit and tok.vocab_size != source.args.vocab_size:
         source.args = dataclasses.replace(source.args, vocab_size=tok.vocab_size)
     if tok.vocab_size > source.args.vocab_size:
@@ -166,35 +118,34 @@ def training_tokenizer(cfg: DictConfig, source: ModelSource):
     return tok
 
 
-def load_data(cfg: DictConfig, tokenizer, source: ModelSource) -> PackedDataset:
+def load_data(cfg: FinetuneSettings, tokenizer, source: ModelSource) -> PackedDataset:
     """`data.path`'s JSONL; without one, the demo task's generated questions (demo model only)."""
     d = cfg.data
-    seq_len, max_len = int(d.seq_len), source.args.max_seq_len
+    seq_len, max_len = d.seq_len, source.args.max_seq_len
     if seq_len > max_len:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's max_seq_len={max_len}; "
                           f"use data.seq_len<={max_len}")
-    if d.get("path") is None:
+    if d.path is None:
         if source.path != DEMO_DIR:
             raise ConfigError("set data.path=FILE.jsonl: without it the job trains on the demo task's questions, "
                               "which only the embedded demo model (model=demo) can read")
         from pp_runtime.demo import task
 
-        records = [e.to_train_json() for e in task.train_examples(int(d.demo_questions), seed=int(d.seed))]
-        return PackedDataset.from_records(records, tokenizer, int(d.seq_len), shuffle=bool(d.shuffle), seed=int(d.seed),
+        records = [e.to_train_json() for e in task.train_examples(d.demo_questions, seed=d.seed)]
+        return PackedDataset.from_records(records, tokenizer, d.seq_len, shuffle=d.shuffle, seed=d.seed,
                                           source="demo question")
-    return PackedDataset.from_jsonl(resolve_path(d.path), tokenizer, int(d.seq_len), shuffle=bool(d.shuffle),
-                                    seed=int(d.seed))
+    return PackedDataset.from_jsonl(resolve_path(d.path), tokenizer, d.seq_len, shuffle=d.shuffle, seed=d.seed)
 
 
-def eval_questions(cfg: DictConfig) -> list[Question]:
+def eval_questions(cfg: FinetuneSettings) -> list[Question]:
     """What the export answers at the end: `eval.path`, or with the demo task its held-out questions."""
     has_export = export_dir(cfg, Path(cfg.out_dir)) is not None
-    if cfg.eval.get("path"):
+    if cfg.eval.path:
         if not has_export:
             raise ConfigError("eval.path is answered with the export: keep export=auto (or give export=DIR)")
         return read_questions(resolve_path(cfg.eval.path))
-    if cfg.data.get("path") is None and has_export:
-        return demo_questions(int(cfg.eval.demo_questions))
+    if cfg.data.path is None and has_export:
+        return demo_questions(cfg.eval.demo_questions)
     return []
 
 
@@ -230,42 +181,42 @@ def _build_stages(source: ModelSource, plan: StagePlan, ctx: ParallelContext, dt
     return stages
 
 
-def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
+def prepare(cfg: FinetuneSettings, ctx: ParallelContext) -> Job:
     """Everything before the first step; raises user errors (checked identically on every rank)."""
-    if OmegaConf.is_missing(cfg.data, "path") or cfg.data.path == "":  # null: the demo task
+    if cfg.data.path == "":  # null: the demo task
         raise ConfigError("fine-tuning needs data.path=FILE.jsonl ({\"text\": ...} or {\"prompt\", \"completion\"} lines)")
     source = training_source(cfg.model)
     tokenizer = training_tokenizer(cfg, source)
     args = source.args
     schedule = make_schedule(cfg, ctx.pp_size)
-    tcfg = train_config(cfg)
+    tcfg = cfg.train
     check_batch_shape(tcfg.batch_size, ctx.dp_size, schedule.n_microbatches)
     plan = plan_for(args, ctx.pp_size, virtual_stages=schedule.virtual_stages,
-                    split=split_from_config(cfg.pipeline.get("split")), training=True,
+                    split=split_from_config(cfg.pipeline.split), training=True,
                     stage_ranks=schedule.stage_ranks)
     data = load_data(cfg, tokenizer, source)
     validate_token_ids(data, args.vocab_size, str(tokenizer.path))
     out_dir = resolve_path(cfg.out_dir)
-    ckpt_root = resolve_path(cfg.checkpoint.get("dir")) or out_dir / "checkpoints"
+    ckpt_root = resolve_path(cfg.checkpoint.dir) or out_dir / "checkpoints"
     check_output_dir(out_dir, "out_dir")  # before any step: an unwritable folder must not cost the training
     check_output_dir(ckpt_root, "checkpoint.dir")
     dtype = resolve_dtype(cfg.model.dtype, ctx.device)
     if tcfg.optimizer == "cpu_adam" and dtype == torch.float64:
         raise ConfigError("train.optimizer=cpu_adam keeps float32 master weights (DeepSpeed's CPU Adam); "
                           "use model.dtype=float32 or bfloat16, or train.optimizer=adamw for float64")
-    lcfg = lora.lora_config(cfg.train.get("lora"))
+    lcfg = tcfg.lora.config()
     export_format = lora.export_format(cfg, lcfg)
-    if cfg.model.get("adapter"):
+    if cfg.model.adapter:
         raise ConfigError("model.adapter applies to inference (launch/infer.py, batch_infer.py); to fine-tune a merged "
                           "model, export it first, or train a new adapter with train.lora.rank=N")
-    definition = run_definition(cfg, source, tcfg, data, dtype)
-    resume = tc.resolve_resume(cfg.get("resume"), ckpt_root)
+    definition = run_definition(cfg, source, data, dtype)
+    resume = tc.resolve_resume(cfg.resume, ckpt_root)
     manifest, notes = None, []
     if resume is not None:
         manifest = tc.read_manifest(resume)
         tc.check_same_model(manifest, args, resume)
         changed = differences(manifest.get("run"), definition)
-        if changed and str(cfg.get("resume")) == "auto":
+        if changed and cfg.resume == "auto":
             raise CheckpointError(
                 f"{ckpt_root} holds another run (step {manifest['step']}; {'; '.join(changed)}); resume=auto only "
                 "continues the same run: give this one its own out_dir= (or checkpoint.dir=), or pass resume=null "
@@ -279,16 +230,17 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
     if tcfg.zero and ctx.dp_size == 1:
         notes.append("note: train.zero=1 with one replica shards nothing (pipeline.data_parallel=1)")
     free = device_free_bytes(ctx.device)
-    if free is not None and bool(cfg.train.get("memory_check", True)):
+    if free is not None and tcfg.memory_check:
         memory.check(ctx.pp_rank, free, pp_size=ctx.pp_size, dp_size=ctx.dp_size)
     # with LoRA the frozen base weights come from the model source also when resuming (checkpoints hold adapters)
     stages = _build_stages(source, plan, ctx, dtype, resuming=resume is not None and lcfg is None)
     if lcfg is not None:
         lora.apply_to_stages(stages, lcfg, source.args)
-    metrics_path = resolve_path(cfg.metrics.get("file")) or out_dir / "metrics.jsonl"
+    metrics_path = resolve_path(cfg.metrics.file) or out_dir / "metrics.jsonl"
     check_loggers(cfg.metrics)
     questions = eval_questions(cfg)
-    trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path, console=False)
+    trainer = Trainer(ctx, args, schedule, stages, data, tcfg, metrics_path=metrics_path, console=False,
+                      peak_flops=cfg.metrics.peak_flops)
     if lcfg is not None:  # MFU: the frozen weights get no gradient
         trainer.flops_per_token = lora.flops_per_token(args, data.seq_len)
     if resume is not None:
@@ -307,7 +259,7 @@ def prepare(cfg: DictConfig, ctx: ParallelContext) -> Job:
 
 
 # ---------------------------------------------------------------------------------- running
-def save(job: Job, cfg: DictConfig) -> Path:
+def save(job: Job, cfg: FinetuneSettings) -> Path:
     t = job.trainer
     shards = {}
     weights, optim = t.weights_of_record(), t.optimizer_state()  # collective under ZeRO-1 ({} on replicas > 0)
@@ -318,10 +270,10 @@ def save(job: Job, cfg: DictConfig) -> Path:
     return tc.save_train_checkpoint(
         job.ckpt_root, step=t.step_count, shards=shards, stages=job.plan.stages, args=job.source.args,
         rank=job.ctx.rank, pp_rank=job.ctx.pp_rank, dp_rank=job.ctx.dp_rank, position=t.position,
-        data={"path": str(resolve_path(cfg.data.path)) if cfg.data.get("path") else "demo task",
+        data={"path": str(resolve_path(cfg.data.path)) if cfg.data.path else "demo task",
               "fingerprint": job.data.fingerprint()},
-        config=OmegaConf.to_container(cfg, resolve=True), tokenizer=str(job.tokenizer.path),
-        keep=int(cfg.checkpoint.keep), device=job.ctx.device, extra={"run": job.definition},
+        config=_plain(cfg), tokenizer=str(job.tokenizer.path),
+        keep=cfg.checkpoint.keep, device=job.ctx.device, extra={"run": job.definition},
     )
 
 
@@ -340,11 +292,11 @@ def _draw_timeline(job: Job, stats: StepStats, path: Path) -> None:
         print(f"timeline of step {stats.step} written to {path}", flush=True)
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: "FinetuneSettings | DictConfig") -> int:
+    cfg = to_settings(cfg, "finetune")
     ctx = init_parallel(cfg.pipeline.stages, cfg.pipeline.data_parallel, cfg.device)
     out_dir = choose_out_dir(cfg, ctx)
-    with read_write(cfg):
-        cfg.out_dir = str(out_dir)
+    cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
     job = agree(ctx, lambda: prepare(cfg, ctx))
     t = job.trainer
     if ctx.rank == 0:
@@ -368,13 +320,13 @@ def run(cfg: DictConfig) -> int:
         if job.resumed_from is not None and t.step_count >= t.cfg.steps:
             print(f"nothing left to do: the checkpoint is at step {t.step_count} and train.steps={t.cfg.steps}; "
                   "raise train.steps to train further", flush=True)
-    every = int(cfg.checkpoint.every)
+    every = cfg.checkpoint.every
     last_saved: Optional[Path] = job.resumed_from
     saved_step = t.step_count if job.resumed_from is not None else None
     first_step = t.step_count
     stats = None
-    progress = TrainProgress(t.cfg.steps, t.step_count, t.cfg.log_every) if ctx.rank == 0 else None
-    sinks = MetricSinks(ctx, cfg.metrics, out_dir, OmegaConf.to_container(cfg, resolve=True), t.step_count)
+    progress = TrainProgress(t.cfg.steps, t.step_count, cfg.metrics.log_every) if ctx.rank == 0 else None
+    sinks = MetricSinks(ctx, cfg.metrics, out_dir, _plain(cfg), t.step_count)
     while t.step_count < t.cfg.steps:
         stats = t.step()
         sinks.record(stats)
@@ -394,17 +346,17 @@ def run(cfg: DictConfig) -> int:
         curve = draw_loss_curve(job.metrics_path, job.metrics_path.parent / "loss.png")
         if curve is not None:
             print(f"loss curve: {curve}", flush=True)
-    if cfg.get("timeline") and stats is not None:
+    if cfg.timeline and stats is not None:
         _draw_timeline(job, stats, resolve_path(cfg.timeline))
     export = export_dir(cfg, out_dir)
     if export is not None:
         if ctx.rank == 0:
-            dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)  # default: the model dtype
+            dtype = resolve_dtype(cfg.export_dtype or cfg.model.dtype, ctx.device)  # default: the model dtype
             if job.export_format == "peft":
                 from pp_runtime.training.peft_export import export_peft
 
                 out = export_peft(last_saved, export, dtype=resolve_dtype(cfg.export_dtype, ctx.device)
-                                  if cfg.get("export_dtype") else None)
+                                  if cfg.export_dtype else None)
                 try_it = (f"launch/infer.py model.path={job.source.path} model.adapter={out}" if job.source.path
                           else f"launch/infer.py model=random model.preset=... model.adapter={out}")
                 print(f"exported step {t.step_count}'s LoRA adapter to {out} (PEFT format: adapter_config.json, "
@@ -442,10 +394,10 @@ def _export_provenance(first_step: int, last_step: int, resumed_from: Optional[P
     return "; no step ran (train.steps=0): these are the starting weights"
 
 
-def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> None:
+def _evaluate_export(job: Job, cfg: FinetuneSettings, export: Path, out_dir: Path) -> None:
     """Answer the eval questions with the export on this job's ranks; rank 0 prints the accuracy."""
     ctx = job.ctx
-    dtype = resolve_dtype(cfg.get("export_dtype") or cfg.model.dtype, ctx.device)
+    dtype = resolve_dtype(cfg.export_dtype or cfg.model.dtype, ctx.device)
     if job.export_format == "peft":  # the base model with the adapter applied at load, as inference does
         if job.source.path is None:
             if ctx.rank == 0:
@@ -458,7 +410,7 @@ def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> 
         return
     where = out_dir / "eval.jsonl"
     result.write(where)
-    name = "held-out demo questions" if not cfg.eval.get("path") else str(cfg.eval.path)
+    name = "held-out demo questions" if not cfg.eval.path else cfg.eval.path
     print(f"eval: {result.summary()} of {name} answered exactly by the export (answers in {where})", flush=True)
     for r in result.results[:5]:
         print(f"  {r['prompt']!r} -> {r['completion']!r} " + ("ok" if r["ok"] else f"WRONG, expected {r['expected']!r}"),
@@ -467,16 +419,21 @@ def _evaluate_export(job: Job, cfg: DictConfig, export: Path, out_dir: Path) -> 
 
 
 
-def memory_plan(cfg: DictConfig, args: ModelArgs, plan: StagePlan, schedule: Schedule, tcfg: TrainConfig,
+def memory_plan(cfg: FinetuneSettings, args: ModelArgs, plan: StagePlan, schedule: Schedule, tcfg: TrainConfig,
                 ctx: ParallelContext, dtype: torch.dtype, lcfg: Optional[lora.LoraConfig]) -> MemoryPlan:
     """The start-up memory estimate of every pipeline rank (pp_runtime/training/memory_plan.py); with LoRA only
     the adapters train."""
     rows = tcfg.batch_size // (ctx.dp_size * schedule.n_microbatches)
     trainable = None if lcfg is None else [
         sum(lora.parameter_counts(args, lcfg, spec)[1] for spec in plan.for_rank(r)) for r in range(plan.n_ranks)]
-    return plan_memory(args, plan, schedule, dtype=dtype, tokens_per_microbatch=rows * int(cfg.data.seq_len),
+    return plan_memory(args, plan, schedule, dtype=dtype, tokens_per_microbatch=rows * cfg.data.seq_len,
                        dp_size=ctx.dp_size, zero=bool(tcfg.zero), optimizer=tcfg.optimizer, master=tcfg.master_weights,
                        activation_checkpointing=tcfg.activation_checkpointing, trainable=trainable)
+
+
+def _plain(cfg: FinetuneSettings) -> dict[str, Any]:
+    """The settings as JSON-ready data (checkpoint manifests, the loggers' run config)."""
+    return dataclasses.asdict(cfg)
 
 
 def _meta_model(args: ModelArgs) -> StageModule:

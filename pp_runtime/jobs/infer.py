@@ -5,25 +5,26 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch.distributed as dist
-from omegaconf import DictConfig
 
 from pp_runtime.checkpoints.model_source import DEMO_DIR, ModelSource, resolve_dtype
 from pp_runtime.distributed.parallel import ParallelContext, agree, init_parallel
 from pp_runtime.distributed.threads import startup_line
 from pp_runtime.errors import CheckpointError, ConfigError, InputError
 from pp_runtime.inference.batching import Completion, Request
-from pp_runtime.inference.engine import InferenceConfig, RunStats, StageRunner, run_pipeline
+from pp_runtime.inference.engine import RunStats, StageRunner, run_pipeline
 from pp_runtime.inference.progress import InferProgress
 from pp_runtime.inference.requests import PromptRecord, TokenLimit, check_request, make_request, parse_prompt_line
-from pp_runtime.inference.sampling import SamplingParams
 from pp_runtime.io.jsonl import check_input_file, iter_lines
 from pp_runtime.io.output_files import check_output_file
 from pp_runtime.io.tokenizer import Tokenizer
-from pp_runtime.jobs.config import resolve_path
-from pp_runtime.jobs.config import make_plan, model_source
+from pp_runtime.jobs.config import make_plan, model_source, resolve_path
+from pp_runtime.jobs.settings import GenerationSettings, InferSettings, to_settings
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 @dataclass
@@ -34,7 +35,7 @@ class InferenceSetup:
     tokenizer: Optional[Tokenizer]  # first stages only: they tokenize prompts and decode completions
 
 
-def setup_inference(cfg: DictConfig, ctx: Optional[ParallelContext] = None) -> InferenceSetup:
+def setup_inference(cfg: GenerationSettings, ctx: Optional[ParallelContext] = None) -> InferenceSetup:
     """Process groups, plan, tokenizer, this stage's weights and cache: shared by infer and batch_infer.
 
     Whatever fails on one rank (its shard of the checkpoint, the tokenizer or input file that only
@@ -49,19 +50,19 @@ def setup_inference(cfg: DictConfig, ctx: Optional[ParallelContext] = None) -> I
                   f"{startup_line()}", flush=True)
         tokenizer = None
         if ctx.is_first:
-            tokenizer = load_tokenizer(source, cfg.model.get("tokenizer"), cfg.model.get("chat"))
-            if cfg.get("input") is not None:
+            tokenizer = load_tokenizer(source, cfg.model.tokenizer, cfg.model.chat)
+            if cfg.input is not None:
                 check_input_file(resolve_path(cfg.input))
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
         module = source.build_stage(plan.stages[ctx.pp_rank], dtype, ctx.device)
-        adapter = resolve_path(cfg.model.get("adapter"))
+        adapter = resolve_path(cfg.model.adapter)
         if adapter is not None:  # a LoRA adapter (PEFT format), merged into this stage's weights
             from pp_runtime.training.peft_export import apply_peft_adapter_
 
             apply_peft_adapter_(module, adapter, source.args)
             if ctx.rank == 0:
                 print(f"LoRA adapter {adapter} merged into the weights", flush=True)
-        icfg = InferenceConfig(**cfg.inference).resolved(source.args, ctx.pp_size)
+        icfg = cfg.inference.resolved(source.args, ctx.pp_size)
         return InferenceSetup(ctx, source, StageRunner(source.args, module, icfg, ctx.device, dtype), tokenizer)
 
     setup = agree(ctx, build)
@@ -99,30 +100,14 @@ def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None, chat: O
     return tok
 
 
-def default_sampling(cfg: DictConfig) -> SamplingParams:
-    s = cfg.sampling
-    return SamplingParams(_number(s, "temperature", float), _number(s, "top_p", float), _number(s, "top_k", int),
-                          _number(s, "seed", int))
-
-
-def _number(group: DictConfig, key: str, kind: type):
-    value = group.get(key)
-    try:
-        if isinstance(value, bool) or not math.isfinite(float(value)) or (kind is int and float(value) != int(value)):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"sampling.{key}={value!r} is not {'an integer' if kind is int else 'a finite number'}") from None
-
-
-def prompt_records(cfg: DictConfig, source: ModelSource) -> Iterator[PromptRecord]:
+def prompt_records(cfg: InferSettings, source: ModelSource) -> Iterator[PromptRecord]:
     """The command-line prompt, or the input file's lines; the embedded demo answers its own examples."""
     if cfg.prompt is not None and cfg.input is not None:
         raise ConfigError('give one of prompt="..." or input=FILE.jsonl, not both')
     if cfg.prompt is not None:
-        if not str(cfg.prompt).strip():
+        if not cfg.prompt.strip():
             raise InputError("the prompt is empty; give a non-empty prompt=")
-        yield PromptRecord(line_no=0, id=0, prompt=str(cfg.prompt))
+        yield PromptRecord(line_no=0, id=0, prompt=cfg.prompt)
         return
     if cfg.input is not None:
         path, name = resolve_path(cfg.input), str(cfg.input)
@@ -136,15 +121,14 @@ def prompt_records(cfg: DictConfig, source: ModelSource) -> Iterator[PromptRecor
         yield parse_prompt_line(line, no, source=name)
 
 
-def replica_requests(cfg: DictConfig, ctx: ParallelContext, source: ModelSource, tokenizer,
+def replica_requests(cfg: InferSettings, ctx: ParallelContext, source: ModelSource, tokenizer,
                      limit: TokenLimit) -> list[Request]:
     """This replica's share of the requests (every dp_size-th, by input order), all checked before any
     generation: a bad line found at the end must not cost the results of the lines before it."""
-    sampling = default_sampling(cfg)
     out = []
     for uid, rec in enumerate(prompt_records(cfg, source)):
         if uid % ctx.dp_size == ctx.dp_rank:
-            req = make_request(uid, rec, tokenizer, int(cfg.max_new_tokens), sampling)
+            req = make_request(uid, rec, tokenizer, cfg.max_new_tokens, cfg.sampling)
             check_request(req, limit, rec.where or f"request {rec.id!r}")
             out.append(req)
     return out
@@ -163,7 +147,8 @@ def completion_record(c: Completion, tokenizer) -> dict:
     }
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: "InferSettings | DictConfig") -> int:
+    cfg = to_settings(cfg, "infer")
     setup = setup_inference(cfg)
     ctx, source, runner, tokenizer = setup.ctx, setup.source, setup.runner, setup.tokenizer
 
@@ -196,12 +181,12 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-def _progress(cfg: DictConfig, ctx: ParallelContext) -> InferProgress:
+def _progress(cfg: InferSettings, ctx: ParallelContext) -> InferProgress:
     """For input files: rank 0 reports finished prompts over all replicas (every progress_interval
     seconds in logs)."""
-    enabled = bool(cfg.progress) and cfg.input is not None
+    enabled = cfg.progress and cfg.input is not None
     total = sum(1 for _ in iter_lines(resolve_path(cfg.input))) if enabled and ctx.rank == 0 else None
-    return InferProgress(ctx, total, enabled, float(cfg.get("progress_interval", 30)))
+    return InferProgress(ctx, total, enabled, cfg.progress_interval)
 
 
 def _demo_hint(source: ModelSource, records: list[dict]) -> None:
@@ -236,7 +221,7 @@ def _gather_to_rank0(ctx: ParallelContext, records: list, stats: RunStats) -> tu
     return merged, total
 
 
-def _write(cfg: DictConfig, records: list[dict]) -> None:
+def _write(cfg: InferSettings, records: list[dict]) -> None:
     out = resolve_path(cfg.output)
     if out is None:
         for r in records:

@@ -13,24 +13,22 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import torch
-from omegaconf import DictConfig
 
 from pp_runtime.checkpoints.model_source import ModelSource
 from pp_runtime.training.data import PackedDataset
-from pp_runtime.training.lora import run_setting as lora_setting
-from pp_runtime.training.trainer import TrainConfig
+from pp_runtime.jobs.settings import FinetuneSettings
 
 
-def run_definition(cfg: DictConfig, source: ModelSource, tcfg: TrainConfig, data: PackedDataset,
-                   dtype: torch.dtype) -> dict[str, Any]:
+def run_definition(cfg: FinetuneSettings, source: ModelSource, data: PackedDataset, dtype: torch.dtype) -> dict[str, Any]:
     """Setting name (as the user writes it) -> value, for the manifest and for comparing runs."""
+    tcfg, lora = cfg.train, cfg.train.lora.config()
     return {
         "model.path": str(source.path) if source.path is not None else None,
         "model.seed": source.seed if source.path is None else None,  # from scratch: the initial weights
         "model.dtype": str(dtype).removeprefix("torch."),
         "data": data.fingerprint(),  # the packed token rows: data.path, data.tokenizer, data.seq_len
-        "data.shuffle": bool(cfg.data.shuffle),
-        "data.seed": int(cfg.data.seed),
+        "data.shuffle": cfg.data.shuffle,
+        "data.seed": cfg.data.seed,
         "train.batch_size": tcfg.batch_size,
         "train.lr": tcfg.lr,
         "train.min_lr": tcfg.min_lr,
@@ -40,7 +38,7 @@ def run_definition(cfg: DictConfig, source: ModelSource, tcfg: TrainConfig, data
         "train.eps": tcfg.eps,
         "train.grad_clip": tcfg.grad_clip,
         "train.master_weights": tcfg.master_weights,
-        "train.lora": lora_setting(cfg),  # rank, alpha, dropout, targets, seed; None when off
+        "train.lora": lora.to_json() if lora is not None else None,  # rank, alpha, dropout, targets, seed; None when off
     }
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch.distributed as dist
 
 from pp_runtime.distributed.parallel import ParallelContext
 from pp_runtime.errors import ConfigError
 from pp_runtime.jobs.config import resolve_path
+
+if TYPE_CHECKING:
+    from pp_runtime.jobs.settings import FinetuneSettings
 
 ROOT = Path("outputs") / "finetune"
 
@@ -45,8 +48,8 @@ def _new_folder(path: Path) -> Path:
     raise RuntimeError(f"no free folder name next to {path}")
 
 
-def default_out_dir(cfg: Any) -> Path:
-    if cfg.checkpoint.get("dir"):
+def default_out_dir(cfg: FinetuneSettings) -> Path:
+    if cfg.checkpoint.dir:
         return resolve_path(cfg.checkpoint.dir)
     job_dir = _sweep_job_dir()
     if job_dir is not None:
@@ -54,9 +57,9 @@ def default_out_dir(cfg: Any) -> Path:
     return _new_folder((ROOT / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve())
 
 
-def choose_out_dir(cfg: Any, ctx: ParallelContext) -> Path:
+def choose_out_dir(cfg: FinetuneSettings, ctx: ParallelContext) -> Path:
     """`out_dir` as given, else rank 0's `default_out_dir`, the same on every rank."""
-    given = resolve_path(cfg.get("out_dir"))
+    given = resolve_path(cfg.out_dir)
     if given is not None:
         return given
     chosen: list[Any] = [None]
@@ -72,9 +75,9 @@ def choose_out_dir(cfg: Any, ctx: ParallelContext) -> Path:
     return chosen[0]
 
 
-def export_dir(cfg: Any, out_dir: Path) -> Optional[Path]:
+def export_dir(cfg: FinetuneSettings, out_dir: Path) -> Optional[Path]:
     """`export`: auto = OUT_DIR/export, null = no export, else the folder given."""
-    export = cfg.get("export")
+    export = cfg.export
     if export == "auto":
         return out_dir / "export"
     return resolve_path(export)

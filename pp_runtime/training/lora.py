@@ -1,4 +1,4 @@
-"""LoRA: frozen base weights, trainable low-rank adapters (`train.lora.*`, conf/finetune.yaml).
+"""LoRA: frozen base weights, trainable low-rank adapters (`train.lora.*`, pp_runtime/jobs/settings.py).
 
 A targeted projection y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in]
 and B [out, rank]; W stays frozen in the model dtype (no gradient, no optimizer state), A starts
@@ -95,13 +95,6 @@ def lora_config(group: Any) -> Optional[LoraConfig]:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"train.lora.seed={seed!r} must be an integer")
     return LoraConfig(rank, alpha, float(dropout), tuple(t for t in TARGETS if t in targets), seed)
-
-
-def run_setting(cfg: Any) -> Optional[dict[str, Any]]:
-    """What the run definition records of LoRA: its settings, or None when off (as older runs)."""
-    train = cfg.get("train") if cfg is not None else None
-    lcfg = lora_config(train.get("lora") if train is not None else None)
-    return lcfg.to_json() if lcfg is not None else None
 
 
 # ---------------------------------------------------------------------------------- modules
@@ -362,7 +355,7 @@ EXPORT_FORMATS = ("consolidated", "peft")
 
 def export_format(cfg: Any, lcfg: Optional[LoraConfig]) -> str:
     """`export_format`: consolidated (merged with LoRA) or peft (LoRA only), checked before training."""
-    fmt = str(cfg.get("export_format") or "consolidated")
+    fmt = str(cfg.export_format or "consolidated")
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export_format={fmt!r}: use consolidated (an inference-ready checkpoint, LoRA adapters "
                           "merged) or peft (the LoRA adapter alone, in PEFT's format)")

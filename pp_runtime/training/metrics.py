@@ -25,13 +25,13 @@ from pp_runtime.training.trainer import StepStats
 
 def check_loggers(metrics_cfg: Any) -> None:
     """Fail before training when a requested logger's package is missing (on every rank alike)."""
-    if metrics_cfg.get("tensorboard"):
+    if metrics_cfg.tensorboard:
         try:
             import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
         except ImportError:
             raise ConfigError("metrics.tensorboard=true needs the tensorboard package: pip install tensorboard "
                               "(or pip install -e '.[test]'), or drop metrics.tensorboard") from None
-    if metrics_cfg.get("wandb"):
+    if metrics_cfg.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
@@ -56,18 +56,18 @@ class MetricSinks:
     def __init__(self, ctx: ParallelContext, metrics_cfg: Any, out_dir: Path, run_config: dict,
                  start_step: int) -> None:
         self.ctx = ctx
-        self.log_every = max(1, int(metrics_cfg.get("log_every", 1) or 1))
-        self.per_rank = bool(metrics_cfg.get("tensorboard") or metrics_cfg.get("wandb"))
+        self.log_every = max(1, metrics_cfg.log_every)
+        self.per_rank = bool(metrics_cfg.tensorboard or metrics_cfg.wandb)
         self.writer = self.wandb_run = None
         if ctx.rank != 0:
             return
-        if metrics_cfg.get("tensorboard"):
+        if metrics_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run replaces what a killed run logged after its checkpoint
             self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"),
                                         purge_step=start_step + 1 if start_step else None)
-        if metrics_cfg.get("wandb"):
+        if metrics_cfg.wandb:
             import wandb
 
             self.wandb_run = wandb.init(project=str(metrics_cfg.wandb), name=out_dir.name, dir=str(out_dir),

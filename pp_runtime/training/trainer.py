@@ -35,7 +35,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,24 +56,61 @@ from pp_runtime.training.step_timer import PhaseTimer
 PEAK_FLOPS_H200_BF16 = 787e12  # measured bf16 matmul 8192^3 on H200 (benchmarks/bench_infer.py, device_ceilings)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8  # rows per step over all replicas
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
+    """The optimisation settings (the `train` group of launch/finetune.py's config extends this class)."""
+
+    steps: int = 200  # total optimizer steps (a resumed run continues up to this number)
+    batch_size: int = 16  # rows per step over all replicas; divides into replicas x micro-batches
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # end of the cosine decay
+    warmup_steps: int = 10  # linear warmup from lr/warmup_steps to lr
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
+    grad_clip: float = 1.0  # clip by the global norm across all stages; 0 = off
     skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is not finite, instead of stopping
-    activation_checkpointing: bool = False
-    master_weights: Optional[bool] = None  # None = when the model dtype is below float32
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    master_weights: Any = "auto"  # float32 master weights for the optimizer: auto (None) = when the model
+    #                               dtype is bfloat16/float16; true; false
     zero: int = 0  # 1: ZeRO-1, optimizer state and master weights sharded over the data-parallel replicas
     optimizer: str = "adamw"  # adamw (on the device) | cpu_adam (host memory, DeepSpeed's CPU Adam)
-    peak_flops: float = PEAK_FLOPS_H200_BF16
-    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"train.{name}={value!r} must be an integer")
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+            setattr(self, name, _finite(getattr(self, name), f"train.{name}"))
+        if isinstance(self.betas, (str, bytes)) or not hasattr(self.betas, "__len__") or len(self.betas) != 2:
+            raise ConfigError(f"train.betas={self.betas!r} must be a pair, e.g. train.betas=[0.9,0.95]")
+        self.betas = (_finite(self.betas[0], "train.betas"), _finite(self.betas[1], "train.betas"))
+        if self.steps < 0:
+            raise ConfigError(f"train.steps={self.steps} must be >= 0")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0 and train.min_lr={self.min_lr} >= 0")
+        if self.master_weights in (None, "auto"):
+            self.master_weights = None
+        elif not isinstance(self.master_weights, bool):
+            raise ConfigError(f"train.master_weights={self.master_weights!r} must be auto, true or false")
+        if isinstance(self.zero, bool) or self.zero not in (0, 1):
+            raise ConfigError(f"train.zero={self.zero!r} must be 0 (off) or 1 (ZeRO-1: optimizer state sharded "
+                              "over the replicas)")
+        if self.optimizer not in ("adamw", "cpu_adam"):
+            raise ConfigError(f"train.optimizer={self.optimizer!r} must be adamw (on the device) or cpu_adam "
+                              "(DeepSpeed's CPU Adam, state in host memory)")
+
+
+def _finite(value: Any, name: str) -> float:
+    """A finite number, or a one-line ConfigError (`train.lr=nan` would train on NaN)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    return x
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -166,8 +203,11 @@ class Trainer:
         cfg: TrainConfig,
         metrics_path: Optional[Path] = None,
         console: bool = True,
+        log_every: int = 1,
+        peak_flops: float = PEAK_FLOPS_H200_BF16,
     ) -> None:
         self.ctx, self.args, self.schedule, self.cfg, self.data = ctx, args, schedule, cfg, data
+        self.log_every, self.peak_flops = max(1, log_every), peak_flops  # console lines; MFU's denominator
         self.stages = dict(sorted(stages.items()))
         self.rows_per_mb = check_batch_shape(cfg.batch_size, ctx.dp_size, schedule.n_microbatches)
         self.rows_per_replica = cfg.batch_size // ctx.dp_size
@@ -299,7 +339,7 @@ class Trainer:
         self.position += cfg.batch_size
         tokens = int(batch.tokens.numel())
         tps = tokens / max(dt, 1e-12)
-        mfu = tps * self.flops_per_token / (ctx.world_size * cfg.peak_flops) if ctx.device.type == "cuda" else None
+        mfu = tps * self.flops_per_token / (ctx.world_size * self.peak_flops) if ctx.device.type == "cuda" else None
         stats = StepStats(step=self.step_count, loss=loss, lr=lr, grad_norm=grad_norm,
                           tokens=tokens, valid_tokens=n_valid, step_time_s=dt, tokens_per_s=tps, mfu=mfu,
                           epoch=self.data.epoch_of(self.position), skipped_nonfinite=self.skipped_nonfinite,
@@ -365,7 +405,7 @@ class Trainer:
         return norm
 
     def _log(self, stats: StepStats) -> None:
-        if self.console and (stats.step % max(1, self.cfg.log_every) == 0 or stats.step == self.cfg.steps):
+        if self.console and (stats.step % self.log_every == 0 or stats.step == self.cfg.steps):
             print(stats.line(self.cfg.steps), flush=True)
         if self.metrics_path is not None:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
