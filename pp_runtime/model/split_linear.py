@@ -7,6 +7,11 @@ backward's FLOPs) can run later, in what would otherwise be pipeline bubble. `Li
 `WeightGradQueue.apply` later does exactly those matmuls, with no second pass through autograd.
 Norm weights, the embedding and biases get their (cheap) gradients in the backward itself, and
 so do MoE expert weights (stacked [E, out, in] parameters of grouped matmuls, not Linears).
+
+Either way a weight gradient is added into `.grad` by its own matmul (`addmm_`, beta = 1), not
+computed into a new tensor that autograd then adds with a second pass over the weight-sized
+gradient: on 2 H200s at the Mistral-7B shape that pass cost 3-4% of a training step. Schedules
+without W actions get the same through `InPlaceWeightGrads`, which does the matmul at once.
 """
 
 from __future__ import annotations
@@ -44,22 +49,28 @@ class WeightGradQueue:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Accumulate every postponed weight gradient into `.grad`, as autograd would have.
-
-        The first micro-batch's gradient is a new tensor; later ones are added by the matmul itself
-        (`addmm_`, beta = 1) rather than computed into a new tensor and added with a separate pass
-        over the weight-sized gradient: on 2 H200s at the Mistral-7B shape that pass was about 4%
-        of a ZB-V step (benchmarks/bench_train.py)."""
+        """Accumulate every postponed weight gradient into `.grad`, as autograd would have."""
         for weight, x, grad_out in self._pending:
-            if weight.grad is not None and weight.grad.dtype == x.dtype == grad_out.dtype:
-                weight.grad.addmm_(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
-                continue
-            grad = _weight_grad(x, grad_out).to(weight.dtype)
-            if weight.grad is None:
-                weight.grad = grad
-            else:
-                weight.grad.add_(grad)
+            accumulate_weight_grad(weight, x, grad_out)
         self._pending.clear()
+
+
+class InPlaceWeightGrads(WeightGradQueue):
+    """Postpones nothing: each weight gradient is accumulated into `.grad` during the backward."""
+
+    def put(self, weight: nn.Parameter, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        with torch.no_grad():
+            accumulate_weight_grad(weight, x, grad_out)
+
+
+def accumulate_weight_grad(weight: nn.Parameter, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """weight.grad += d(loss)/d(weight); the first one is a new tensor."""
+    if weight.grad is None:
+        weight.grad = _weight_grad(x, grad_out).to(weight.dtype)
+    elif weight.grad.dtype == x.dtype == grad_out.dtype:
+        weight.grad.addmm_(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+    else:
+        weight.grad.add_(_weight_grad(x, grad_out).to(weight.dtype))
 
 
 def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -96,9 +107,9 @@ class _SplitLinearFn(torch.autograd.Function):
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict names) whose weight gradient can be postponed.
 
-    Until `enable_split_backward` marks it, it is plain `F.linear`, so inference and schedules
-    without W actions run exactly the stock code; so is a frozen one (LoRA's base weights): it has
-    no weight gradient to postpone and need not keep its input."""
+    Until `enable_split_backward` marks it (the training executor does, for every stage), it is
+    plain `F.linear`, so inference runs exactly the stock code; so is a frozen one (LoRA's base
+    weights): it has no weight gradient to postpone and need not keep its input."""
 
     split_backward: bool = False
     weight_grad_queue: Optional[WeightGradQueue] = None

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from pp_runtime.distributed.comm import ACT, GRAD, Edge, EdgeLinks
 from pp_runtime.model.attention_meta import AttentionMeta
-from pp_runtime.model.split_linear import WeightGradQueue, enable_split_backward
+from pp_runtime.model.split_linear import InPlaceWeightGrads, WeightGradQueue, enable_split_backward
 from pp_runtime.model.transformer import StageModule
 from pp_runtime.training.schedules import BACKWARD, FORWARD, WEIGHT, Action, Schedule
 
@@ -130,8 +130,10 @@ class PipelineExecutor:
         module = next(iter(self.stages.values()))
         self.dim, self.dtype = module.args.dim, next(module.parameters()).dtype  # every message is [rows, dim]
         self._split = {(a.microbatch, a.stage) for row in schedule.actions for a in row if a.kind == WEIGHT}
-        # found once here, not on every B of the step
-        self._split_linears = {s: enable_split_backward(self.stages[s]) for s in {s for _, s in self._split} & mine}
+        # every stage's Linears add their weight gradients in place (and postpone them for W actions);
+        # marked at their first forward here, so modules this executor never runs stay stock
+        self._linears: dict[int, list] = {}
+        self._in_place = InPlaceWeightGrads()
         self._plan_receives()
 
     # ------------------------------------------------------------------------------ messaging
@@ -256,6 +258,8 @@ class PipelineExecutor:
         self._inputs[(m, s)] = x
 
     def _forward(self, m: int, s: int, mb: MicroBatch) -> torch.Tensor:
+        if s not in self._linears:  # found once; before any forward, so a checkpointed recompute matches
+            self._linears[s] = enable_split_backward(self.stages[s])
         return self.stages[s](self._inputs[(m, s)], mb.meta, logits="all")
 
     def _backward_input(self, m: int, s: int) -> None:
@@ -267,12 +271,10 @@ class PipelineExecutor:
     def _backward(self, m: int, s: int, weights: bool) -> None:
         out, grad = self._outputs.pop((m, s)), self._out_grads.pop((m, s))
         inp = self._inputs.pop((m, s))
-        if weights:
+        queue = self._in_place if weights else WeightGradQueue()  # W(m, s) applies a postponed queue later
+        with queue.collecting(self._linears[s]):
             torch.autograd.backward(out, grad)
-        else:  # W(m, s) applies the postponed weight gradients later
-            queue = WeightGradQueue()
-            with queue.collecting(self._split_linears[s]):
-                torch.autograd.backward(out, grad)
+        if not weights:
             self._weight_grads[(m, s)] = queue
         if s > 0:
             assert inp.grad is not None, f"stage {s} input received no gradient"
