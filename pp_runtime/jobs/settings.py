@@ -223,9 +223,8 @@ def _writable(schema: type) -> DictConfig:
     def clear(n: DictConfig) -> None:
         OmegaConf.set_readonly(n, None)
         for key in n.keys():
-            child = n._get_node(key)
-            if isinstance(child, DictConfig):
-                clear(child)
+            if not OmegaConf.is_missing(n, key) and isinstance(n[key], DictConfig):
+                clear(n[key])
 
     clear(node)
     return node
@@ -252,7 +251,7 @@ def _build(cls: type, node: DictConfig, prefix: str) -> Any:
         if not f.init:
             continue
         key = f"{prefix}{f.name}"
-        if node._get_node(f.name) is None:  # a group the composed config leaves out keeps its default
+        if f.name not in node.keys():  # (`in node` is false for a ??? value)
             continue
         if OmegaConf.is_missing(node, f.name):
             raise ConfigError(MISSING_VALUES.get(key, f"{key} has no value (???): set {key}=..."))
