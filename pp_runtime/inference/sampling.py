@@ -29,11 +29,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         """Also the `sampling` group's check (its schema is this class): a bad value names `sampling.field`."""
-        for name, value in zip(("temperature", "top_p", "top_k", "seed"), _coerced(*self.values(), "sampling")):
+        values = _coerced(self.temperature, self.top_p, self.top_k, self.seed, "sampling")
+        for name, value in zip(("temperature", "top_p", "top_k", "seed"), values):
             object.__setattr__(self, name, value)
-
-    def values(self) -> tuple[Any, Any, Any, Any]:
-        return self.temperature, self.top_p, self.top_k, self.seed
 
     @classmethod
     def parse(cls, temperature: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0, seed: Any = 0,

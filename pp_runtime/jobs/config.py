@@ -34,18 +34,22 @@ def load_config(job: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR, c
     with open_dict(cfg):
         del cfg["hydra"]
     OmegaConf.set_struct(cfg, True)
-    _check_top_level_keys(cfg, job, conf_dir)
+    _check_top_level_keys(cfg, job)
     return cfg
 
 
-def _check_top_level_keys(cfg: "DictConfig", job: str, conf_dir: Path) -> None:
+def _check_top_level_keys(cfg: "DictConfig", job: str) -> None:
     """Hydra merges whatever an added config sets: an experiment written for another job (or a
     `+key=...` typo) would otherwise ride along unused."""
-    known = set(top_level_keys(job))
-    unknown = [k for k in cfg.keys() if k not in known]
+    known = top_level_keys(job)
+    unknown = [str(k) for k in cfg.keys() if k not in known]
     if unknown:
-        raise ConfigError(f"the config sets {', '.join(map(str, unknown))}, which {job} does not have (an experiment "
-                          f"for another job, or a typo?); known keys: {_known_keys(job, conf_dir)}")
+        raise _unknown_keys(unknown, job)
+
+
+def _unknown_keys(keys: Sequence[str], job: str, where: str = "") -> ConfigError:
+    return ConfigError(f"{where}the config sets {', '.join(keys)}, which {job} does not have (an experiment for another "
+                       f"job, or a typo?); known keys: {_known_keys(job)}")
 
 
 def _compose(job: str, overrides: list[str], conf_dir: Path, config_name: str, config_dir: Optional[str]) -> "DictConfig":
@@ -72,12 +76,12 @@ def _compose(job: str, overrides: list[str], conf_dir: Path, config_name: str, c
         hydra = Hydra.create_main_hydra2(task_name=job, config_search_path=search_path)
         return hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
     except (HydraException, OmegaConfBaseException) as e:
-        raise _config_error(e, job, conf_dir) from None
+        raise _config_error(e, job) from None
     finally:
         GlobalHydra.instance().clear()
 
 
-def _config_error(e: Exception, job: str, conf_dir: Path) -> ConfigError:
+def _config_error(e: Exception, job: str) -> ConfigError:
     text = str(e).strip()
     cause = e.__cause__
     if text.startswith("Error merging override") and cause is not None:  # say why (a wrong type, ...)
@@ -89,11 +93,10 @@ def _config_error(e: Exception, job: str, conf_dir: Path) -> ConfigError:
     first = lines[0] if lines else type(e).__name__
     if "ConfigKeyError raised while composing" in text:  # an added config sets a key this job lacks
         key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "?")
-        return ConfigError(f"{first.split(':')[0]}: the config sets {key}, which {job} does not have (an experiment "
-                           f"for another job, or a typo?); known keys: {_known_keys(job, conf_dir)}")
+        return _unknown_keys([key], job, where=f"{first.split(':')[0]}: ")
     hint = ""
     if "Could not override" in text or "not in struct" in text:
-        hint = f"; known keys: {_known_keys(job, conf_dir)}"
+        hint = f"; known keys: {_known_keys(job)}"
     elif "Error parsing override" in text:
         hint = """; quote a value that holds '=' or brackets, e.g. 'prompt="1+1="'"""
     elif "Ambiguous value" in text:
@@ -109,12 +112,9 @@ def _config_error(e: Exception, job: str, conf_dir: Path) -> ConfigError:
     return ConfigError(f"bad override: {first}{hint}")
 
 
-def _known_keys(job: str, conf_dir: Path) -> str:
+def _known_keys(job: str) -> str:
     """Top-level keys of the job, groups as `model.*`, `inference.*`, ..."""
-    return ", ".join(k + (".*" if k in _GROUPS else "") for k in top_level_keys(job))
-
-
-_GROUPS = ("model", "sampling", "pipeline", "inference", "schedule", "data", "train", "metrics", "checkpoint", "eval")
+    return ", ".join(k + (".*" if group else "") for k, group in top_level_keys(job).items())
 
 
 def check_command_line(job: str, argv: Sequence[str], sweeps: bool) -> "Namespace":
@@ -148,7 +148,7 @@ def check_command_line(job: str, argv: Sequence[str], sweeps: bool) -> "Namespac
             parsed = OverridesParser.create().parse_overrides(list(args.overrides))
             jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
         except HydraException as e:
-            raise _config_error(e, job, CONF_DIR) from None
+            raise _config_error(e, job) from None
     for overrides in jobs:
         load_config(job, overrides, config_name=args.config_name, config_dir=args.config_dir)
     return args

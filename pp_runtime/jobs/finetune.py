@@ -209,7 +209,7 @@ def prepare(cfg: FinetuneSettings, ctx: ParallelContext) -> Job:
     if cfg.model.adapter:
         raise ConfigError("model.adapter applies to inference (launch/infer.py, batch_infer.py); to fine-tune a merged "
                           "model, export it first, or train a new adapter with train.lora.rank=N")
-    definition = run_definition(cfg, source, data, dtype)
+    definition = run_definition(cfg, source, data, dtype, lcfg)
     resume = tc.resolve_resume(cfg.resume, ckpt_root)
     manifest, notes = None, []
     if resume is not None:

@@ -17,11 +17,13 @@ import torch
 from pp_runtime.checkpoints.model_source import ModelSource
 from pp_runtime.training.data import PackedDataset
 from pp_runtime.jobs.settings import FinetuneSettings
+from pp_runtime.training.lora import LoraConfig
 
 
-def run_definition(cfg: FinetuneSettings, source: ModelSource, data: PackedDataset, dtype: torch.dtype) -> dict[str, Any]:
+def run_definition(cfg: FinetuneSettings, source: ModelSource, data: PackedDataset, dtype: torch.dtype,
+                   lora: Optional[LoraConfig]) -> dict[str, Any]:
     """Setting name (as the user writes it) -> value, for the manifest and for comparing runs."""
-    tcfg, lora = cfg.train, cfg.train.lora.config()
+    tcfg = cfg.train
     return {
         "model.path": str(source.path) if source.path is not None else None,
         "model.seed": source.seed if source.path is None else None,  # from scratch: the initial weights

@@ -230,8 +230,10 @@ def _writable(schema: type) -> DictConfig:
     return node
 
 
-def top_level_keys(job: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(SCHEMAS[job])]
+def top_level_keys(job: str) -> dict[str, bool]:
+    """The job's top-level keys, each with whether it is a group (a nested settings dataclass)."""
+    hints = typing.get_type_hints(SCHEMAS[job])
+    return {f.name: dataclasses.is_dataclass(hints[f.name]) for f in dataclasses.fields(SCHEMAS[job])}
 
 
 # ---------------------------------------------------------------------------------- conversion
